@@ -1,0 +1,121 @@
+//! Limits and defaults for a server exposed to strangers.
+//!
+//! Every number here says why it is what it is and what happens past it.
+//! [`Config`] is server-wide; [`Limits`] can differ per listener.
+
+use std::time::Duration;
+
+/// Per-listener limits: what one connection may cost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Close a connection after this long with no bytes in either direction.
+    /// Default 300 s (nginx's keepalive order of magnitude); `None` is off.
+    /// Services can change it per connection (chat members turn it off).
+    pub idle_timeout: Option<Duration>,
+    /// Stop reading a connection whose pending output passes this, so a peer
+    /// that sends without reading cannot make the server buffer without
+    /// bound. Default 64 KiB (Twisted's and asyncio's high-water mark).
+    pub output_high_water: usize,
+    /// Resume reading once pending output falls to this. Default 16 KiB.
+    pub output_low_water: usize,
+    /// Close (with [`CloseReason::OutputLimit`](crate::CloseReason)) a
+    /// connection whose pending output passes this anyway, e.g. because
+    /// other connections keep sending to it. Default 16 MiB; services that
+    /// fan out (chat) set tighter caps of their own.
+    pub max_output: usize,
+    /// Close (with [`CloseReason::InputLimit`](crate::CloseReason)) a
+    /// connection that has more unconsumed input than this: the service is
+    /// waiting for a frame larger than any it accepts. Default 1 MiB plus
+    /// one read chunk, just above the largest default frame.
+    pub max_input: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            idle_timeout: Some(Duration::from_secs(300)),
+            output_high_water: 64 * 1024,
+            output_low_water: 16 * 1024,
+            max_output: 16 * 1024 * 1024,
+            max_input: 1024 * 1024 + READ_CHUNK,
+        }
+    }
+}
+
+/// How many bytes one `read` asks for. One buffer of this size serves the
+/// whole loop, so its size costs nothing per connection: 64 KiB matches the
+/// largest loopback segment and the largest UDP datagram.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Server-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Most connections open at once; past it a new connection gets one
+    /// error line and is closed. Default 10,000 (Redis's `maxclients`),
+    /// clamped at start to `RLIMIT_NOFILE` minus [`FD_RESERVE`].
+    pub max_connections: usize,
+    /// The listen backlog. Default 1024: mio's own listeners use 128, which
+    /// overflows under a burst of connects and costs clients 1 s SYN
+    /// retransmits.
+    pub backlog: i32,
+    /// Accepts per listener per wakeup before other sources get a turn
+    /// (the listener stays on the still-ready list). Default 64.
+    pub accepts_per_wakeup: usize,
+    /// Reads of [`READ_CHUNK`] per connection per wakeup before others get
+    /// a turn. Default 4 (256 KiB).
+    pub reads_per_wakeup: usize,
+    /// After a graceful shutdown starts, how long open connections may
+    /// finish on their own before they are flushed and closed. Default 5 s.
+    pub grace: Duration,
+    /// After the server closes a connection the peer has not finished
+    /// sending on, how long to read and discard its input so the close is a
+    /// FIN and not a reset that could destroy the last reply. Default 2 s.
+    pub linger: Duration,
+    /// Set `TCP_NODELAY` on accepted TCP connections, so small replies leave
+    /// at once instead of waiting for an ACK. Default true.
+    pub nodelay: bool,
+    /// Limits for listeners that do not bring their own.
+    pub limits: Limits,
+}
+
+/// Descriptors kept free for listeners, log files and accept-error
+/// handling when `max_connections` is clamped to `RLIMIT_NOFILE`.
+pub const FD_RESERVE: usize = 32;
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            max_connections: 10_000,
+            backlog: 1024,
+            accepts_per_wakeup: 64,
+            reads_per_wakeup: 4,
+            grace: Duration::from_secs(5),
+            linger: Duration::from_secs(2),
+            nodelay: true,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// `max_connections` clamped to what the descriptor limit allows.
+    pub fn effective_max_connections(&self) -> usize {
+        match fd_limit() {
+            Some(limit) => self.max_connections.min(limit.saturating_sub(FD_RESERVE)),
+            None => self.max_connections,
+        }
+    }
+}
+
+/// The soft `RLIMIT_NOFILE`, if it is finite.
+fn fd_limit() -> Option<usize> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    (rc == 0 && rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur as usize)
+}

@@ -1,0 +1,463 @@
+//! Connection bookkeeping shared by the loop engines: the slab, output
+//! flushing, backpressure, timers and deferred closes. It knows nothing
+//! about how readiness is learned; the loop in `server.rs` tells it.
+
+use std::io;
+use std::mem;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::{Interest, Poller, GEN_MASK};
+use crate::buffer::OutBuf;
+use crate::config::Limits;
+use crate::net::Stream;
+use crate::service::{CloseMode, CloseReason, ConnId, Driver, PeerAddr};
+use crate::stats::Stats;
+use crate::timer::{TimerId, Timers};
+
+// Connection flags.
+/// The service paused reading.
+pub(super) const PAUSED: u16 = 1 << 0;
+/// Pending output is above the high-water mark; reading waits for it.
+pub(super) const BACKPRESSURED: u16 = 1 << 1;
+/// WRITABLE is registered (only while output is pending).
+pub(super) const WRITE_INTEREST: u16 = 1 << 2;
+/// The peer shut down its sending side.
+pub(super) const EOF: u16 = 1 << 3;
+/// A close was requested; carried out at the end of the turn.
+pub(super) const CLOSING: u16 = 1 << 4;
+/// The close drops pending output.
+pub(super) const ABORT: u16 = 1 << 5;
+/// The service is done with it; input is read and discarded until the
+/// peer closes, so our close is a FIN and not a reset.
+pub(super) const LINGER: u16 = 1 << 6;
+/// On the dirty list (others queued output for it this turn).
+pub(super) const DIRTY: u16 = 1 << 7;
+/// On the still-ready list.
+pub(super) const READY: u16 = 1 << 8;
+/// `on_connect` ran, so the session exists.
+pub(super) const CONNECTED: u16 = 1 << 9;
+/// Leftover input must be shown to the service again (reading resumed).
+pub(super) const REDELIVER: u16 = 1 << 10;
+
+/// One connection. Kept small: an idle connection is this struct, one
+/// session and nothing on the heap.
+pub(super) struct Conn {
+    pub stream: Stream,
+    pub gen: u32,
+    pub service: u32,
+    pub session: u32,
+    pub flags: u16,
+    pub reason: CloseReason,
+    /// Bytes the service left unconsumed (a partial frame), else empty and
+    /// unallocated.
+    pub input: Vec<u8>,
+    /// Bytes the kernel has not taken yet, else empty and unallocated.
+    pub output: OutBuf,
+    pub peer: PeerAddr,
+    pub last_active: Instant,
+    pub idle: Option<TimerId>,
+}
+
+impl Conn {
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Reading makes sense: not paused, not closing, peer still sending.
+    pub fn wants_read(&self) -> bool {
+        self.flags & (PAUSED | BACKPRESSURED | EOF | CLOSING | LINGER) == 0
+    }
+}
+
+/// What a timer is for.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum TimerKind {
+    /// A service's own timer; `conn` is `NONE` for service timers.
+    User {
+        service: u32,
+        conn: ConnId,
+    },
+    Idle {
+        conn: ConnId,
+        after: Duration,
+    },
+    Linger {
+        conn: ConnId,
+    },
+    AcceptRetry,
+}
+
+pub(super) fn token(id: ConnId) -> usize {
+    (id.gen() as usize) << 32 | id.index()
+}
+
+pub(super) fn conn_id(token: usize) -> ConnId {
+    ConnId::new(token & 0xffff_ffff, (token >> 32) as u32)
+}
+
+pub(super) struct Core {
+    pub conns: Slab<Conn>,
+    next_gen: u32,
+    pub timers: Timers<TimerKind>,
+    /// Output of the current callback for the current connection; written
+    /// straight to its socket when the callback returns.
+    staging: Vec<u8>,
+    pub current: ConnId,
+    /// Connections others wrote to this turn; flushed at its end.
+    pub dirty: Vec<ConnId>,
+    /// Connections whose close was requested this turn.
+    pub closing: Vec<ConnId>,
+    /// Tokens of sources that may still be ready (edge-triggered pollers
+    /// will not report them again).
+    pub ready: Vec<usize>,
+    pub stats: Stats,
+    pub now: Instant,
+    pub stop_requested: bool,
+    /// Limits per service index.
+    pub limits: Vec<Limits>,
+}
+
+/// The staging buffer is loop-wide; after a huge write it is shrunk back
+/// so one burst does not pin memory for ever.
+const STAGING_KEEP: usize = 64 * 1024;
+
+impl Core {
+    pub fn new() -> Core {
+        Core {
+            conns: Slab::new(),
+            next_gen: 0,
+            timers: Timers::new(),
+            staging: Vec::new(),
+            current: ConnId::NONE,
+            dirty: Vec::new(),
+            closing: Vec::new(),
+            ready: Vec::new(),
+            stats: Stats::default(),
+            now: Instant::now(),
+            stop_requested: false,
+            limits: Vec::new(),
+        }
+    }
+
+    pub fn next_gen(&mut self) -> u32 {
+        self.next_gen = (self.next_gen + 1) & GEN_MASK;
+        self.next_gen
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.conns.get(id.index()).filter(|c| c.gen == id.gen())
+    }
+
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        lookup(&mut self.conns, id)
+    }
+
+    pub fn mark_ready(&mut self, id: ConnId) {
+        if let Some(c) = lookup(&mut self.conns, id) {
+            if !c.has(READY) {
+                c.flags |= READY;
+                self.ready.push(token(id));
+            }
+        }
+    }
+
+    /// Asks for a close at the end of the turn. An abort overrides an
+    /// earlier flush-close (a write error while flushing, say).
+    pub fn request_close(&mut self, id: ConnId, mode: CloseMode, reason: CloseReason) {
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if c.has(LINGER) {
+            return;
+        }
+        let first = !c.has(CLOSING);
+        if first || mode == CloseMode::Abort {
+            c.flags |= CLOSING;
+            c.reason = reason;
+            if mode == CloseMode::Abort {
+                c.flags |= ABORT;
+            }
+            self.closing.push(id);
+        }
+    }
+
+    pub fn fail(&mut self, id: ConnId, err: &io::Error) {
+        log::debug!("{id}: {err}");
+        self.request_close(id, CloseMode::Abort, CloseReason::Error(err.kind()));
+    }
+
+    /// Called after every callback for `id`: sends what it wrote.
+    ///
+    /// If nothing was queued before, the staged bytes go straight to the
+    /// socket and only what the kernel refused is copied into the
+    /// connection; a request/response turn costs one `send` and no
+    /// per-connection allocation.
+    pub fn commit(&mut self, id: ConnId, poller: &mut dyn Poller) {
+        if self.staging.is_empty() {
+            return;
+        }
+        let mut staged = mem::take(&mut self.staging);
+        if let Some(c) = lookup(&mut self.conns, id) {
+            if c.output.is_empty() {
+                match write_some(&c.stream, &staged, &mut self.stats) {
+                    Ok(n) => {
+                        c.output.extend(&staged[n..]);
+                        c.last_active = self.now;
+                    }
+                    Err(e) => self.fail(id, &e),
+                }
+            } else {
+                // Earlier output is still waiting for WRITABLE: queue behind it.
+                c.output.extend(&staged);
+            }
+            self.after_write(id, poller);
+        }
+        staged.clear();
+        if staged.capacity() > STAGING_KEEP {
+            staged.shrink_to(STAGING_KEEP);
+        }
+        self.staging = staged;
+    }
+
+    /// Writes pending output until it is gone or the kernel is full.
+    pub fn flush(&mut self, id: ConnId, poller: &mut dyn Poller) {
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if c.output.is_empty() || c.has(ABORT | LINGER) {
+            return;
+        }
+        match write_some(&c.stream, c.output.as_slice(), &mut self.stats) {
+            Ok(n) => {
+                if n > 0 {
+                    c.last_active = self.now;
+                }
+                c.output.advance(n);
+            }
+            Err(e) => return self.fail(id, &e),
+        }
+        self.after_write(id, poller);
+    }
+
+    /// Brings interest, backpressure and pending closes in line with how
+    /// much output is left.
+    fn after_write(&mut self, id: ConnId, poller: &mut dyn Poller) {
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if c.has(ABORT) {
+            return;
+        }
+        let limits = &self.limits[c.service as usize];
+        let pending = c.output.len();
+        if pending > limits.max_output {
+            self.stats.output_limit_closes += 1;
+            return self.request_close(id, CloseMode::Abort, CloseReason::OutputLimit);
+        }
+        // Ask for WRITABLE only while bytes remain: an always-writable socket
+        // would otherwise wake the loop on every turn.
+        let want_write = pending > 0;
+        if want_write != c.has(WRITE_INTEREST) {
+            let interest = if want_write {
+                Interest::ReadWrite
+            } else {
+                Interest::Read
+            };
+            if let Err(e) = poller.reregister(c.stream.fd(), token(id), interest) {
+                return self.fail(id, &e);
+            }
+            c.flags ^= WRITE_INTEREST;
+        }
+        if pending > limits.output_high_water {
+            c.flags |= BACKPRESSURED;
+        } else if c.has(BACKPRESSURED) && pending <= limits.output_low_water {
+            c.flags &= !BACKPRESSURED;
+            // Edge-triggered: input that arrived while we were not reading
+            // produced its one event already. Look again ourselves.
+            self.mark_ready(id);
+            return;
+        }
+        if pending == 0 && c.has(CLOSING) {
+            self.closing.push(id);
+        }
+    }
+
+    /// Removes a connection for good.
+    pub fn remove(&mut self, id: ConnId, poller: &mut dyn Poller) {
+        if lookup(&mut self.conns, id).is_none() {
+            return;
+        }
+        let c = self.conns.remove(id.index());
+        if let Some(t) = c.idle {
+            self.timers.cancel(t);
+        }
+        // Closing the descriptor would remove it from epoll too, but not
+        // from the select/poll facade's tables: say it explicitly.
+        let _ = poller.deregister(c.stream.fd());
+        if c.has(ABORT) {
+            c.stream.set_reset_on_close();
+        }
+    }
+
+    /// Arms or replaces a connection's idle timer.
+    pub fn arm_idle(&mut self, id: ConnId, after: Option<Duration>, from: Instant) {
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if let Some(t) = c.idle.take() {
+            self.timers.cancel(t);
+        }
+        c.idle = after.map(|after| {
+            self.timers
+                .insert(from + after, None, TimerKind::Idle { conn: id, after })
+        });
+    }
+}
+
+fn lookup(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
+    conns.get_mut(id.index()).filter(|c| c.gen == id.gen())
+}
+
+/// Sends as much of `buf` as the kernel takes now.
+///
+/// Stops at the first short write: the socket buffer is full, and trying
+/// again would only return `WouldBlock` at the cost of a system call.
+fn write_some(stream: &Stream, buf: &[u8], stats: &mut Stats) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.send(&buf[done..]) {
+            Ok(n) => {
+                done += n;
+                stats.bytes_out += n as u64;
+                if done < buf.len() {
+                    stats.short_writes += 1;
+                    break;
+                }
+            }
+            // The kernel is full: WRITABLE will tell us when to go on.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            // A signal arrived before anything was sent: just try again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+impl Driver for Core {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn write(&mut self, to: ConnId, bytes: &[u8]) -> bool {
+        let Some(c) = lookup(&mut self.conns, to) else {
+            return false;
+        };
+        if c.has(CLOSING | LINGER) {
+            return false;
+        }
+        if to == self.current {
+            self.staging.extend_from_slice(bytes);
+        } else {
+            c.output.extend(bytes);
+            if !c.has(DIRTY) {
+                c.flags |= DIRTY;
+                self.dirty.push(to);
+            }
+        }
+        true
+    }
+
+    fn broadcast(&mut self, service: usize, bytes: &[u8], except: Option<ConnId>) -> usize {
+        let mut sent = 0;
+        for (index, c) in self.conns.iter_mut() {
+            let id = ConnId::new(index, c.gen);
+            if c.service as usize != service
+                || Some(id) == except
+                || !c.has(CONNECTED)
+                || c.has(CLOSING | LINGER)
+            {
+                continue;
+            }
+            if id == self.current {
+                self.staging.extend_from_slice(bytes);
+            } else {
+                c.output.extend(bytes);
+                if !c.has(DIRTY) {
+                    c.flags |= DIRTY;
+                    self.dirty.push(id);
+                }
+            }
+            sent += 1;
+        }
+        sent
+    }
+
+    fn close(&mut self, id: ConnId, mode: CloseMode) {
+        let reason = match mode {
+            CloseMode::Flush => CloseReason::Closed,
+            CloseMode::Abort => CloseReason::Aborted,
+        };
+        self.request_close(id, mode, reason);
+    }
+
+    fn output_len(&self, id: ConnId) -> Option<usize> {
+        let c = self.get(id)?;
+        let staged = if id == self.current {
+            self.staging.len()
+        } else {
+            0
+        };
+        Some(c.output.len() + staged)
+    }
+
+    fn peer(&self, id: ConnId) -> Option<&PeerAddr> {
+        self.get(id).map(|c| &c.peer)
+    }
+
+    fn set_reading(&mut self, id: ConnId, on: bool) {
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if on {
+            if c.has(PAUSED) {
+                c.flags &= !PAUSED;
+                if !c.input.is_empty() {
+                    c.flags |= REDELIVER;
+                }
+                self.mark_ready(id);
+            }
+        } else {
+            c.flags |= PAUSED;
+        }
+    }
+
+    fn set_idle_timeout(&mut self, id: ConnId, timeout: Option<Duration>) {
+        let now = self.now;
+        self.arm_idle(id, timeout, now);
+    }
+
+    fn set_timer(
+        &mut self,
+        service: usize,
+        conn: ConnId,
+        after: Duration,
+        period: Option<Duration>,
+    ) -> TimerId {
+        let kind = TimerKind::User {
+            service: service as u32,
+            conn,
+        };
+        self.timers.insert(self.now + after, period, kind)
+    }
+
+    fn cancel_timer(&mut self, timer: TimerId) -> bool {
+        self.timers.cancel(timer).is_some()
+    }
+
+    fn stop(&mut self) {
+        self.stop_requested = true;
+    }
+}

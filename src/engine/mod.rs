@@ -1,0 +1,150 @@
+//! Engines: what runs a [`Service`](crate::Service).
+//!
+//! # What every engine must do
+//!
+//! Whatever its I/O model, an engine owes a service the same contract:
+//!
+//! 1. `on_connect` once per accepted connection, before any other callback;
+//!    `on_close` exactly once, last; nothing for a connection after it.
+//! 2. `on_data` with every byte the peer sent, in order, with unconsumed
+//!    bytes shown again before newer ones; `on_eof` once when the peer
+//!    shuts down its sending side.
+//! 3. Writes leave in the order they were made, and [`Context::close`]
+//!    sends everything queued before closing. A `ConnId` of a closed
+//!    connection reaches nothing.
+//! 4. Callbacks never block: a slow peer is handled by the engine
+//!    (backpressure, output caps, timeouts), never by stalling the service.
+//! 5. One failing connection closes only itself.
+//!
+//! # The loop engines
+//!
+//! [`Server`] is one event loop that keeps a slab of connections and does
+//! all the bookkeeping (buffers, timers, limits, deferred closes). Where it
+//! waits for readiness is a small seam, the `Poller`: its required functions
+//! are `register`, `reregister`, `deregister` (by file descriptor and
+//! token), `poll` (fill a list of ready tokens, with a timeout) and a waker
+//! that interrupts `poll` from another thread.
+//!
+//! - [`mio`]: mio's edge-triggered epoll/kqueue; the default and the fast one.
+//!
+//! [`Context::close`]: crate::Context::close
+
+pub mod mio;
+
+mod core;
+mod server;
+
+pub use self::server::{BoundAddr, Handle, Report, Server};
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::buffer::Input;
+use crate::service::{CloseReason, Context, Service};
+use crate::timer::TimerId;
+
+/// What a source should be watched for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Interest {
+    Read,
+    ReadWrite,
+}
+
+/// One readiness report from a poller. Errors and hang-ups are reported as
+/// both readable and writable: the next read or write tells what happened.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Event {
+    pub token: usize,
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer shut down its side (EPOLLRDHUP). With edge triggering this
+    /// event is the only notice of a FIN that arrived with the data.
+    pub read_closed: bool,
+}
+
+/// Interrupts a blocked `poll` from any thread.
+pub(crate) type Waker = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+/// The seam between the loop and a readiness API. See the module docs.
+pub(crate) trait Poller {
+    fn register(&mut self, fd: RawFd, token: usize, interest: Interest) -> io::Result<()>;
+    fn reregister(&mut self, fd: RawFd, token: usize, interest: Interest) -> io::Result<()>;
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()>;
+    /// Waits until something is ready or `timeout` passes, and appends what
+    /// is ready to `events`. May return spurious events and `Interrupted`.
+    fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
+    fn waker(&self) -> Waker;
+}
+
+// Tokens: a connection's token is its slot index in the low 32 bits and its
+// generation in bits 32..63, so an event for a connection that closed can
+// never be taken for the one that reuses its slot. Listeners set bit 63; the
+// waker is all ones.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("muxserve packs connection generations into mio tokens and needs a 64-bit target");
+
+pub(crate) const LISTENER_BIT: usize = 1 << 63;
+pub(crate) const WAKE_TOKEN: usize = usize::MAX;
+/// Generations wrap at 2^31 so that they never reach the listener bit.
+pub(crate) const GEN_MASK: u32 = (1 << 31) - 1;
+
+/// A [`Service`] with its sessions, behind an object-safe interface so that
+/// one loop can host services of different types. Sessions live in a slab
+/// indexed by a key stored in the connection: one index per event, no hash.
+pub(crate) trait Handler {
+    fn connect(&mut self, cx: &mut Context<'_>) -> usize;
+    fn data(&mut self, cx: &mut Context<'_>, key: usize, input: &mut Input<'_>);
+    fn eof(&mut self, cx: &mut Context<'_>, key: usize);
+    fn timer(&mut self, cx: &mut Context<'_>, key: usize, timer: TimerId);
+    fn service_timer(&mut self, cx: &mut Context<'_>, timer: TimerId);
+    fn close(&mut self, cx: &mut Context<'_>, key: usize, why: CloseReason);
+    fn shutdown(&mut self, cx: &mut Context<'_>);
+}
+
+pub(crate) struct Hosted<S: Service> {
+    service: S,
+    sessions: slab::Slab<S::Session>,
+}
+
+impl<S: Service> Hosted<S> {
+    pub(crate) fn new(service: S) -> Hosted<S> {
+        Hosted {
+            service,
+            sessions: slab::Slab::new(),
+        }
+    }
+}
+
+impl<S: Service> Handler for Hosted<S> {
+    fn connect(&mut self, cx: &mut Context<'_>) -> usize {
+        let session = self.service.on_connect(cx);
+        self.sessions.insert(session)
+    }
+
+    fn data(&mut self, cx: &mut Context<'_>, key: usize, input: &mut Input<'_>) {
+        self.service.on_data(cx, &mut self.sessions[key], input);
+    }
+
+    fn eof(&mut self, cx: &mut Context<'_>, key: usize) {
+        self.service.on_eof(cx, &mut self.sessions[key]);
+    }
+
+    fn timer(&mut self, cx: &mut Context<'_>, key: usize, timer: TimerId) {
+        self.service.on_timer(cx, &mut self.sessions[key], timer);
+    }
+
+    fn service_timer(&mut self, cx: &mut Context<'_>, timer: TimerId) {
+        self.service.on_service_timer(cx, timer);
+    }
+
+    fn close(&mut self, cx: &mut Context<'_>, key: usize, why: CloseReason) {
+        let session = self.sessions.remove(key);
+        self.service.on_close(cx, session, why);
+    }
+
+    fn shutdown(&mut self, cx: &mut Context<'_>) {
+        self.service.on_shutdown(cx);
+    }
+}

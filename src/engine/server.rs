@@ -1,0 +1,960 @@
+//! The event loop: one thread, one poller, a slab of connections.
+//!
+//! One turn ([`Server::run_once`]) is: wait for readiness (or a timer, or
+//! zero time if something is still ready), handle each event (reads before
+//! writes), serve the still-ready list, fire due timers, then flush output
+//! others queued and carry out the closes requested during the turn.
+//! [`Server::run`] repeats turns until the server has shut down.
+
+use std::fmt;
+use std::io;
+use std::mem;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::core::{
+    conn_id, token, Conn, Core, TimerKind, ABORT, CLOSING, CONNECTED, EOF, LINGER, READY, REDELIVER,
+};
+use super::mio::MioPoller;
+use super::{Event, Handler, Hosted, Interest, Poller, Waker, LISTENER_BIT, WAKE_TOKEN};
+use crate::buffer::{Input, OutBuf};
+use crate::config::{Config, Limits, READ_CHUNK};
+use crate::net::{self, Endpoint, Stream, StreamListener};
+use crate::service::{CloseMode, CloseReason, ConnId, Context, PeerAddr, Service};
+use crate::stats::Stats;
+
+/// After descriptors or memory ran out, accepting is retried after this
+/// long, or as soon as a connection closes, whichever comes first.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Accept errors are logged at most this often, so a flood of them cannot
+/// become a flood of log lines.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// The line a client gets when `max_connections` are open.
+const FULL_LINE: &[u8] = b"error: server full, try again later\r\n";
+
+// Values of `Shared::request`.
+const RUNNING: u8 = 0;
+const SHUTDOWN: u8 = 1;
+const STOP: u8 = 2;
+
+struct Shared {
+    request: AtomicU8,
+    waker: Waker,
+}
+
+/// Stops a [`Server`] from another thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("request", &self.shared.request.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Starts a graceful shutdown: stop accepting, let open connections
+    /// finish within the grace period, then close what is left.
+    pub fn shutdown(&self) {
+        self.request(SHUTDOWN);
+    }
+
+    /// Stops now: every connection is closed on the next turn.
+    pub fn stop(&self) {
+        self.request(STOP);
+    }
+
+    fn request(&self, what: u8) {
+        self.shared.request.fetch_max(what, Ordering::SeqCst);
+        if let Err(e) = (self.shared.waker)() {
+            log::error!("cannot wake the event loop: {e}");
+        }
+    }
+}
+
+/// What a finished server did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Report {
+    /// Counters and gauges at the end.
+    pub stats: Stats,
+    /// Connections still open when the grace period ended.
+    pub cut_off: u64,
+    /// Of those, connections closed with output the peer never got.
+    pub dropped: u64,
+    /// The bytes they did not get.
+    pub dropped_bytes: u64,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} connections cut off at shutdown, {} with {} unsent bytes; {}",
+            self.cut_off, self.dropped, self.dropped_bytes, self.stats
+        )
+    }
+}
+
+/// Bytes held in connection buffers (see [`Server::buffered`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Buffered {
+    /// Unconsumed input held for services, all connections.
+    pub input: usize,
+    /// Output waiting for the kernel, all connections.
+    pub output: usize,
+    /// Heap capacity behind both.
+    pub capacity: usize,
+}
+
+/// Where a server ended up after `bind`, e.g. the real port of `:0`.
+pub type BoundAddr = Endpoint;
+
+/// One listener and the service behind it.
+struct Bound {
+    /// `None` once shutdown began.
+    listener: Option<StreamListener>,
+    handler: Box<dyn Handler>,
+    endpoint: Endpoint,
+    /// Accepting is paused for lack of descriptors or memory.
+    paused: bool,
+    /// On the still-ready list.
+    ready: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    Draining { deadline: Instant },
+    Done,
+}
+
+/// A single-threaded server: any number of listeners, each with its own
+/// [`Service`], on one event loop.
+///
+/// ```no_run
+/// use muxserve::{services::Echo, Server};
+///
+/// let mut server = Server::new()?;
+/// let addr = server.bind("127.0.0.1:7007", Echo)?;
+/// println!("try: {}", addr.how_to_connect());
+/// server.run()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Server {
+    poller: Box<dyn Poller>,
+    events: Vec<Event>,
+    services: Vec<Bound>,
+    core: Core,
+    /// The loop-wide read buffer; connections keep only leftovers.
+    scratch: Box<[u8]>,
+    shared: Arc<Shared>,
+    config: Config,
+    max_conns: usize,
+    state: State,
+    report: Report,
+    accept_retry_armed: bool,
+    last_accept_log: Option<Instant>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("listeners", &self.services.len())
+            .field("connections", &self.core.conns.len())
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A server on the mio engine with the default [`Config`].
+    pub fn new() -> io::Result<Server> {
+        Server::with_config(Config::default())
+    }
+
+    /// A server on the mio engine.
+    pub fn with_config(config: Config) -> io::Result<Server> {
+        Ok(Server::with_poller(Box::new(MioPoller::new()?), config))
+    }
+
+    pub(crate) fn with_poller(poller: Box<dyn Poller>, config: Config) -> Server {
+        let max_conns = config.effective_max_connections();
+        let shared = Arc::new(Shared {
+            request: AtomicU8::new(RUNNING),
+            waker: poller.waker(),
+        });
+        Server {
+            poller,
+            events: Vec::with_capacity(1024),
+            services: Vec::new(),
+            core: Core::new(),
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            shared,
+            config,
+            max_conns,
+            state: State::Running,
+            report: Report::default(),
+            accept_retry_armed: false,
+            last_accept_log: None,
+        }
+    }
+
+    /// Listens on `endpoint` (see [`Endpoint`]'s syntax, e.g.
+    /// `127.0.0.1:0` or `unix:///tmp/echo.sock`) and serves every connection
+    /// with `service`. Returns where it really listens.
+    pub fn bind<S: Service + 'static>(
+        &mut self,
+        endpoint: &str,
+        service: S,
+    ) -> io::Result<Endpoint> {
+        let endpoint = endpoint
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let limits = self.config.limits.clone();
+        self.bind_with(endpoint, service, limits)
+    }
+
+    /// Like [`bind`](Server::bind), with limits of its own for this listener.
+    pub fn bind_with<S: Service + 'static>(
+        &mut self,
+        endpoint: Endpoint,
+        service: S,
+        limits: Limits,
+    ) -> io::Result<Endpoint> {
+        let (listener, bound) = match &endpoint {
+            Endpoint::Tcp(addr) => {
+                let l = net::tcp_listener(*addr, self.config.backlog)?;
+                let local = l.local_addr()?;
+                (StreamListener::Tcp(l), Endpoint::Tcp(local))
+            }
+            Endpoint::Unix(path) => {
+                let socket = net::unix_socket(
+                    path,
+                    socket2::Type::STREAM,
+                    net::DEFAULT_SOCKET_MODE,
+                    self.config.backlog,
+                )?;
+                let std: std::os::unix::net::UnixListener = socket.into();
+                let l = mio::net::UnixListener::from_std(std);
+                (StreamListener::Unix(l), endpoint.clone())
+            }
+            Endpoint::Udp(_) | Endpoint::UnixDatagram(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                    "{endpoint} is a datagram endpoint; a stream service needs tcp:// or unix://"
+                ),
+                ))
+            }
+        };
+        let index = self.services.len();
+        self.poller
+            .register(listener.fd(), LISTENER_BIT | index, Interest::Read)?;
+        log::info!("{} listening on {bound}", service_name::<S>());
+        self.services.push(Bound {
+            listener: Some(listener),
+            handler: Box::new(Hosted::new(service)),
+            endpoint: bound.clone(),
+            paused: false,
+            ready: false,
+        });
+        self.core.limits.push(limits);
+        Ok(bound)
+    }
+
+    /// The configuration this server runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A handle that stops this server from another thread.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Counters and gauges so far.
+    pub fn stats(&self) -> Stats {
+        self.core.stats.clone()
+    }
+
+    /// The connection limit in force (`max_connections` after clamping to
+    /// the descriptor limit).
+    pub fn max_connections(&self) -> usize {
+        self.max_conns
+    }
+
+    /// Bytes held in connection buffers now: how much memory clients are
+    /// making the server keep.
+    pub fn buffered(&self) -> Buffered {
+        let mut b = Buffered::default();
+        for (_, c) in &self.core.conns {
+            b.input += c.input.len();
+            b.output += c.output.len();
+            b.capacity += c.input.capacity() + c.output.capacity();
+        }
+        b
+    }
+
+    /// Open connections (including ones lingering after a close).
+    pub fn connections(&self) -> usize {
+        self.core.conns.len()
+    }
+
+    /// True once the server has shut down and [`run`](Server::run) would
+    /// return.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Runs turns until the server shuts down (through a [`Handle`] or
+    /// [`Context::stop_server`]), then returns what happened.
+    pub fn run(&mut self) -> io::Result<Report> {
+        while !self.is_finished() {
+            self.run_once(None)?;
+        }
+        Ok(self.report())
+    }
+
+    /// The report so far (complete once [`is_finished`](Server::is_finished)).
+    pub fn report(&self) -> Report {
+        let mut report = self.report.clone();
+        report.stats = self.stats();
+        report
+    }
+
+    /// One turn of the loop, waiting at most `timeout` (`None`: until
+    /// something happens) for readiness.
+    ///
+    /// Only a failure of the poller itself is an error; a failing
+    /// connection closes only itself.
+    pub fn run_once(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.check_requests();
+        if self.state == State::Done {
+            return Ok(());
+        }
+        let timeout = self.poll_timeout(timeout);
+        self.events.clear();
+        match self.poller.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            // A signal arrived while we waited; nothing was lost. Take the
+            // turn without events (timers and requests still run).
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        self.core.now = Instant::now();
+        for i in 0..self.events.len() {
+            let event = self.events[i];
+            self.dispatch(event);
+        }
+        self.serve_ready();
+        self.fire_timers();
+        self.end_of_turn();
+        self.check_requests();
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        if !self.core.ready.is_empty() {
+            // Something may still be ready: look for news, but do not wait.
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut deadline = self.core.timers.next_deadline();
+        if let State::Draining { deadline: d } = self.state {
+            deadline = Some(deadline.map_or(d, |t| t.min(d)));
+        }
+        let until = deadline.map(|d| d.saturating_duration_since(now));
+        match (timeout, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn dispatch(&mut self, event: Event) {
+        match event.token {
+            // The handle set a request; `check_requests` reads it.
+            WAKE_TOKEN => {}
+            t if t & LISTENER_BIT != 0 => self.accept(t & !LISTENER_BIT),
+            t => {
+                let id = conn_id(t);
+                if event.readable {
+                    self.read(id, event.read_closed);
+                }
+                if event.writable {
+                    self.core.flush(id, &mut *self.poller);
+                }
+            }
+        }
+    }
+
+    /// Serves the sources a budget or a resume left on the still-ready list.
+    fn serve_ready(&mut self) {
+        if self.core.ready.is_empty() {
+            return;
+        }
+        let ready = mem::take(&mut self.core.ready);
+        for &t in &ready {
+            if t & LISTENER_BIT != 0 {
+                let s = t & !LISTENER_BIT;
+                self.services[s].ready = false;
+                self.accept(s);
+            } else {
+                let id = conn_id(t);
+                if let Some(c) = self.core.get_mut(id) {
+                    c.flags &= !READY;
+                    // No fresh event vouches for a short read here (input
+                    // or a FIN may have come while we were not reading):
+                    // drain to WouldBlock.
+                    self.read(id, true);
+                }
+            }
+        }
+    }
+
+    fn listener_ready(&mut self, s: usize) {
+        if !self.services[s].ready {
+            self.services[s].ready = true;
+            self.core.ready.push(LISTENER_BIT | s);
+        }
+    }
+
+    // ---- accepting ----------------------------------------------------
+
+    fn accept(&mut self, s: usize) {
+        for _ in 0..self.config.accepts_per_wakeup {
+            let bound = &self.services[s];
+            let Some(listener) = &bound.listener else {
+                return;
+            };
+            if bound.paused {
+                return;
+            }
+            match listener.accept(self.config.nodelay) {
+                Ok((stream, peer)) => self.admit(s, stream, peer),
+                // The queue is empty; the next connection is a new edge.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    if !self.accept_failed(s, &e) {
+                        return;
+                    }
+                }
+            }
+        }
+        // Budget spent: other sources get a turn, then we come back.
+        self.listener_ready(s);
+    }
+
+    /// Handles a failed accept; returns whether to accept again at once.
+    fn accept_failed(&mut self, s: usize, e: &io::Error) -> bool {
+        if e.kind() == io::ErrorKind::Interrupted {
+            return true;
+        }
+        self.core.stats.accept_errors += 1;
+        let now = Instant::now();
+        if self
+            .last_accept_log
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
+        {
+            self.last_accept_log = Some(now);
+            log::warn!("accept on {}: {e}", self.services[s].endpoint);
+        }
+        match e.raw_os_error() {
+            // That one connection died in the queue (or a firewall refused
+            // it); the ones behind it are fine.
+            Some(libc::ECONNABORTED | libc::EPERM | libc::EPROTO) => true,
+            // Out of descriptors or memory. Stop accepting rather than spin
+            // on an edge that stays set; retry when a connection closes or
+            // after ACCEPT_RETRY. Queued clients wait in the backlog.
+            _ => {
+                self.services[s].paused = true;
+                self.core.stats.accept_pauses += 1;
+                if !self.accept_retry_armed {
+                    self.accept_retry_armed = true;
+                    let at = self.core.now + ACCEPT_RETRY;
+                    self.core.timers.insert(at, None, TimerKind::AcceptRetry);
+                }
+                false
+            }
+        }
+    }
+
+    fn resume_accepting(&mut self) {
+        for s in 0..self.services.len() {
+            if self.services[s].paused {
+                self.services[s].paused = false;
+                self.listener_ready(s);
+            }
+        }
+    }
+
+    fn admit(&mut self, s: usize, stream: Stream, peer: PeerAddr) {
+        let core = &mut self.core;
+        if core.stats.active as usize >= self.max_conns {
+            core.stats.rejected_limit += 1;
+            // Best effort: the socket is fresh, so this fits its buffer.
+            let _ = stream.send(FULL_LINE);
+            return;
+        }
+        let gen = core.next_gen();
+        let entry = core.conns.vacant_entry();
+        let id = ConnId::new(entry.key(), gen);
+        if let Err(e) = self.poller.register(stream.fd(), token(id), Interest::Read) {
+            log::warn!("cannot register a connection from {peer}: {e}");
+            return;
+        }
+        entry.insert(Conn {
+            stream,
+            gen,
+            service: s as u32,
+            session: 0,
+            flags: 0,
+            reason: CloseReason::Closed,
+            input: Vec::new(),
+            output: OutBuf::new(),
+            peer,
+            last_active: core.now,
+            idle: None,
+        });
+        let idle = core.limits[s].idle_timeout;
+        core.arm_idle(id, idle, core.now);
+        core.stats.accepted += 1;
+        core.stats.active += 1;
+        core.stats.peak = core.stats.peak.max(core.stats.active);
+
+        core.current = id;
+        let key = self.services[s]
+            .handler
+            .connect(&mut Context::new(core, id, s));
+        core.current = ConnId::NONE;
+        if let Some(c) = core.get_mut(id) {
+            c.session = key as u32;
+            c.flags |= CONNECTED;
+        }
+        core.commit(id, &mut *self.poller);
+    }
+
+    // ---- reading ------------------------------------------------------
+
+    /// Reads a connection until it is drained or its budget is spent.
+    ///
+    /// With `drain` false, a short read is taken as "drained for now";
+    /// `drain` is true when that shortcut would be wrong (the peer's FIN came
+    /// with the data, or no fresh event backs the read).
+    fn read(&mut self, id: ConnId, drain: bool) {
+        if self.core.get(id).is_some_and(|c| c.has(LINGER)) {
+            if linger_read(&mut self.core, id, &mut self.scratch) {
+                self.remove(id);
+            }
+            return;
+        }
+        let Server {
+            core,
+            services,
+            poller,
+            scratch,
+            config,
+            ..
+        } = self;
+        let poller = &mut **poller;
+        let now = core.now;
+        for _ in 0..config.reads_per_wakeup {
+            let Some(c) = core.get_mut(id) else {
+                return;
+            };
+            if c.has(REDELIVER) {
+                c.flags &= !REDELIVER;
+                deliver(core, services, poller, id, &[]);
+                continue;
+            }
+            if !c.wants_read() {
+                return;
+            }
+            let n = match c.stream.read(scratch) {
+                // The peer shut down its sending side.
+                Ok(0) => {
+                    c.flags |= EOF;
+                    call(core, services, poller, id, |h, cx, key| h.eof(cx, key));
+                    return;
+                }
+                Ok(n) => n,
+                // Drained: the next byte to arrive is a new edge.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A signal arrived before any data was copied: try again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    core.stats.io_errors += 1;
+                    return core.fail(id, &e);
+                }
+            };
+            c.last_active = now;
+            core.stats.bytes_in += n as u64;
+            deliver(core, services, poller, id, &scratch[..n]);
+            if n < scratch.len() && !drain {
+                // A short read emptied the socket's queue for now. Reading
+                // again would only say WouldBlock, one system call per
+                // request for nothing; new data brings a new edge.
+                return;
+            }
+        }
+        // Budget spent with data maybe left: let the others have a turn.
+        core.mark_ready(id);
+    }
+
+    // ---- timers -------------------------------------------------------
+
+    fn fire_timers(&mut self) {
+        let now = self.core.now;
+        while let Some((timer, kind)) = self.core.timers.pop_expired(now) {
+            match kind {
+                TimerKind::User { service, conn } if conn == ConnId::NONE => {
+                    let core = &mut self.core;
+                    let s = service as usize;
+                    self.services[s]
+                        .handler
+                        .service_timer(&mut Context::new(core, ConnId::NONE, s), timer);
+                }
+                TimerKind::User { conn, .. } => {
+                    let alive = self
+                        .core
+                        .get(conn)
+                        .is_some_and(|c| c.has(CONNECTED) && !c.has(LINGER));
+                    if alive {
+                        let Server {
+                            core,
+                            services,
+                            poller,
+                            ..
+                        } = self;
+                        call(core, services, &mut **poller, conn, |h, cx, key| {
+                            h.timer(cx, key, timer)
+                        });
+                    } else {
+                        // A repeating timer of a closed connection.
+                        self.core.timers.cancel(timer);
+                    }
+                }
+                TimerKind::Idle { conn, after } => {
+                    let Some(c) = self.core.get_mut(conn) else {
+                        continue;
+                    };
+                    if c.idle != Some(timer) || c.has(CLOSING | LINGER) {
+                        continue;
+                    }
+                    c.idle = None;
+                    let since = c.last_active;
+                    if now.duration_since(since) >= after {
+                        self.core.stats.idle_timeouts += 1;
+                        self.core
+                            .request_close(conn, CloseMode::Flush, CloseReason::IdleTimeout);
+                    } else {
+                        // There was traffic: sleep until the new deadline.
+                        self.core.arm_idle(conn, Some(after), since);
+                    }
+                }
+                TimerKind::Linger { conn } => {
+                    if self.core.get(conn).is_some_and(|c| c.has(LINGER)) {
+                        self.remove(conn);
+                    }
+                }
+                TimerKind::AcceptRetry => {
+                    self.accept_retry_armed = false;
+                    self.resume_accepting();
+                }
+            }
+        }
+    }
+
+    // ---- closing ------------------------------------------------------
+
+    fn end_of_turn(&mut self) {
+        loop {
+            // Output other callbacks queued this turn, one send each.
+            let dirty = mem::take(&mut self.core.dirty);
+            for &id in &dirty {
+                if let Some(c) = self.core.get_mut(id) {
+                    c.flags &= !super::core::DIRTY;
+                    self.core.flush(id, &mut *self.poller);
+                }
+            }
+            let closing = mem::take(&mut self.core.closing);
+            if closing.is_empty() && self.core.dirty.is_empty() {
+                self.core.closing = closing;
+                break;
+            }
+            for &id in &closing {
+                self.finalize(id, true);
+            }
+        }
+    }
+
+    /// Carries out a requested close once the output is sent (or at once
+    /// for an abort): the service's `on_close`, then the socket.
+    fn finalize(&mut self, id: ConnId, linger: bool) {
+        let Some(c) = self.core.get(id) else {
+            return;
+        };
+        if c.has(LINGER) || (!c.has(ABORT) && !c.output.is_empty()) {
+            // Already done, or still flushing: `after_write` brings it back.
+            return;
+        }
+        let (s, key, why) = (c.service as usize, c.session as usize, c.reason);
+        if c.has(CONNECTED) {
+            let core = &mut self.core;
+            self.services[s]
+                .handler
+                .close(&mut Context::new(core, id, s), key, why);
+        }
+        let stats = &mut self.core.stats;
+        stats.closed += 1;
+        stats.active -= 1;
+        match why {
+            CloseReason::InputLimit => stats.input_limit_closes += 1,
+            CloseReason::Panic => stats.panics += 1,
+            _ => {}
+        }
+        let Some(c) = self.core.get_mut(id) else {
+            return;
+        };
+        if c.has(ABORT) || c.has(EOF) || !linger {
+            // The peer has sent everything (or we reset): a plain close.
+            self.remove(id);
+        } else {
+            // Our FIN goes now; we keep reading until the peer's FIN so that
+            // unread input cannot turn our close into a reset.
+            c.stream.shutdown_write();
+            c.flags |= LINGER;
+            c.input = Vec::new();
+            let at = self.core.now + self.config.linger;
+            self.core
+                .timers
+                .insert(at, None, TimerKind::Linger { conn: id });
+            self.core.mark_ready(id);
+        }
+    }
+
+    fn remove(&mut self, id: ConnId) {
+        self.core.remove(id, &mut *self.poller);
+        // A descriptor came free: if accepting was paused for lack of them,
+        // try now rather than waiting for the retry timer.
+        self.resume_accepting();
+    }
+
+    // ---- shutting down ------------------------------------------------
+
+    fn check_requests(&mut self) {
+        let mut request = self.shared.request.load(Ordering::SeqCst);
+        if self.core.stop_requested {
+            request = request.max(SHUTDOWN);
+        }
+        if request >= SHUTDOWN && self.state == State::Running {
+            self.begin_shutdown();
+        }
+        if let State::Draining { deadline } = self.state {
+            if request == STOP || self.core.conns.is_empty() || Instant::now() >= deadline {
+                self.cut_off_all();
+                self.state = State::Done;
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.core.now = Instant::now();
+        let open = self.core.conns.len();
+        log::info!(
+            "shutting down: no new connections; {open} open get {:?} to finish",
+            self.config.grace
+        );
+        for s in 0..self.services.len() {
+            if let Some(listener) = self.services[s].listener.take() {
+                let _ = self.poller.deregister(listener.fd());
+                if let Endpoint::Unix(path) = &self.services[s].endpoint {
+                    remove_socket_file(path);
+                }
+            }
+            let core = &mut self.core;
+            self.services[s]
+                .handler
+                .shutdown(&mut Context::new(core, ConnId::NONE, s));
+        }
+        self.end_of_turn();
+        self.state = State::Draining {
+            deadline: self.core.now + self.config.grace,
+        };
+    }
+
+    /// Grace is over: one last flush, then close everything.
+    fn cut_off_all(&mut self) {
+        self.core.now = Instant::now();
+        let ids: Vec<ConnId> = self
+            .core
+            .conns
+            .iter()
+            .map(|(i, c)| ConnId::new(i, c.gen))
+            .collect();
+        for id in ids {
+            let Some(c) = self.core.get(id) else {
+                continue;
+            };
+            if c.has(LINGER) {
+                self.remove(id);
+                continue;
+            }
+            self.report.cut_off += 1;
+            self.core.flush(id, &mut *self.poller);
+            let Some(c) = self.core.get_mut(id) else {
+                continue;
+            };
+            if !c.output.is_empty() {
+                self.report.dropped += 1;
+                self.report.dropped_bytes += c.output.len() as u64;
+                c.flags |= ABORT;
+            }
+            c.flags |= CLOSING;
+            c.reason = CloseReason::Shutdown;
+            self.finalize(id, false);
+        }
+        self.end_of_turn();
+        // Whatever on_close callbacks queued for others cannot be sent now.
+        let leftovers: Vec<ConnId> = self
+            .core
+            .conns
+            .iter()
+            .map(|(i, c)| ConnId::new(i, c.gen))
+            .collect();
+        for id in leftovers {
+            self.core.remove(id, &mut *self.poller);
+        }
+        if self.report.cut_off > 0 {
+            log::info!(
+                "shutdown cut off {} connections ({} with {} unsent bytes)",
+                self.report.cut_off,
+                self.report.dropped,
+                self.report.dropped_bytes
+            );
+        }
+        log::info!("stopped: {}", self.core.stats);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for bound in &self.services {
+            if let (Some(_), Endpoint::Unix(path)) = (&bound.listener, &bound.endpoint) {
+                remove_socket_file(path);
+            }
+        }
+    }
+}
+
+fn remove_socket_file(path: &PathBuf) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            log::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Runs one callback for connection `id` and sends what it wrote.
+fn call(
+    core: &mut Core,
+    services: &mut [Bound],
+    poller: &mut dyn Poller,
+    id: ConnId,
+    f: impl FnOnce(&mut dyn Handler, &mut Context<'_>, usize),
+) {
+    let Some(c) = core.get(id) else {
+        return;
+    };
+    let (s, key) = (c.service as usize, c.session as usize);
+    core.current = id;
+    f(
+        &mut *services[s].handler,
+        &mut Context::new(core, id, s),
+        key,
+    );
+    core.current = ConnId::NONE;
+    core.commit(id, poller);
+}
+
+/// Shows the service its unconsumed input followed by `data`, and keeps
+/// what it leaves.
+fn deliver(
+    core: &mut Core,
+    services: &mut [Bound],
+    poller: &mut dyn Poller,
+    id: ConnId,
+    data: &[u8],
+) {
+    let Some(c) = core.get_mut(id) else {
+        return;
+    };
+    if c.input.is_empty() {
+        // The common case: nothing left over, so the service reads straight
+        // from the loop's buffer and nothing is copied unless it leaves a
+        // partial frame.
+        let mut input = Input::new(data);
+        call(core, services, poller, id, |h, cx, key| {
+            h.data(cx, key, &mut input)
+        });
+        let rest = &data[input.consumed()..];
+        if let (false, Some(c)) = (rest.is_empty(), core.get_mut(id)) {
+            c.input.extend_from_slice(rest);
+        }
+    } else {
+        let mut buf = mem::take(&mut c.input);
+        buf.extend_from_slice(data);
+        let mut input = Input::new(&buf);
+        call(core, services, poller, id, |h, cx, key| {
+            h.data(cx, key, &mut input)
+        });
+        let consumed = input.consumed();
+        buf.drain(..consumed);
+        if buf.is_empty() {
+            buf = Vec::new(); // give the memory back
+        }
+        if let Some(c) = core.get_mut(id) {
+            c.input = buf;
+        }
+    }
+    let Some(c) = core.get(id) else {
+        return;
+    };
+    if c.input.len() > core.limits[c.service as usize].max_input {
+        core.request_close(id, CloseMode::Abort, CloseReason::InputLimit);
+    }
+}
+
+/// Reads and discards the input of a connection we closed. Returns true
+/// once the peer has closed too (or erred), so the connection can go.
+fn linger_read(core: &mut Core, id: ConnId, scratch: &mut [u8]) -> bool {
+    let Some(c) = core.get_mut(id) else {
+        return false;
+    };
+    loop {
+        match c.stream.read(scratch) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// `muxserve::services::echo::Echo` → `Echo`, for log lines.
+fn service_name<S>() -> &'static str {
+    let full = std::any::type_name::<S>();
+    let head = full.split('<').next().unwrap_or(full);
+    head.rsplit("::").next().unwrap_or(head)
+}

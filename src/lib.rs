@@ -1,0 +1,72 @@
+//! muxserve runs many network connections on one thread: a readiness-based
+//! event loop keeps every connection in a slab, with its own read and write
+//! buffers, and drives protocol code written against one [`Service`] trait.
+//!
+//! ```no_run
+//! use muxserve::{Context, Input, Server, Service};
+//!
+//! struct Shout;
+//!
+//! impl Service for Shout {
+//!     type Session = ();
+//!     fn on_connect(&mut self, _cx: &mut Context<'_>) {}
+//!     fn on_data(&mut self, cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
+//!         cx.write(&input.take().to_ascii_uppercase());
+//!     }
+//! }
+//!
+//! let mut server = Server::new()?;
+//! server.bind("127.0.0.1:7007", Shout)?;
+//! server.run()?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! # Layout
+//!
+//! Read in this order:
+//!
+//! 1. `examples/echo.rs`: the smallest complete server, then
+//!    `examples/raw_mio_echo.rs`, the same thing with mio and slab only.
+//! 2. [`engine`]: the loop ([`Server::run_once`]), how it accepts, reads,
+//!    writes and closes, and what every engine owes a service.
+//! 3. [`buffer`]: the bytes a connection holds, and why an idle one holds
+//!    none.
+//! 4. [`service`]: the [`Service`] trait and the [`Context`] callbacks use.
+//! 5. [`services`]: the built-in protocols, each a few lines on top.
+//!
+//! Beside them: [`config`] (limits, and why each number), [`timer`]
+//! (deadlines for the poll timeout), [`stats`] (counters), [`net`]
+//! (addresses and socket creation).
+//!
+//! # Glossary
+//!
+//! - **readiness**: the kernel saying a socket can be read or written
+//!   without blocking (as opposed to completion-based I/O).
+//! - **edge-triggered**: readiness is reported when it appears, once; the
+//!   loop must drain the socket or remember to come back (the
+//!   *still-ready list*).
+//! - **turn**: one wait for readiness and the handling of what it returned.
+//! - **session**: a service's per-connection state.
+//! - **backpressure**: not reading from a peer while its replies are not
+//!   being read, so the server does not buffer without bound.
+//! - **half-close**: one side shuts down its sending direction and keeps
+//!   reading.
+
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod buffer;
+pub mod config;
+pub mod engine;
+pub mod net;
+pub mod service;
+pub mod services;
+pub mod stats;
+pub mod timer;
+
+pub use buffer::Input;
+pub use config::{Config, Limits};
+pub use engine::{Handle, Report, Server};
+pub use net::Endpoint;
+pub use service::{CloseReason, ConnId, Context, PeerAddr, Service};
+pub use stats::Stats;
+pub use timer::TimerId;

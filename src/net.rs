@@ -1,0 +1,328 @@
+//! Addresses and sockets: what the engines listen on and talk through.
+//!
+//! Listeners are created with socket2 so the backlog and socket options are
+//! ours to choose, then handed to mio. Every write goes through `send` with
+//! `MSG_NOSIGNAL`: a write to a connection the peer reset must fail with
+//! `EPIPE`, not kill the process with SIGPIPE, and a library cannot assume
+//! its host ignored that signal.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use socket2::{Domain, SockRef, Socket, Type};
+
+use crate::service::PeerAddr;
+
+/// Where a service listens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A TCP listener: `127.0.0.1:7007`, `tcp://[::1]:7007`.
+    Tcp(SocketAddr),
+    /// A UDP socket: `udp://127.0.0.1:7007`.
+    Udp(SocketAddr),
+    /// A Unix stream listener: `unix:///tmp/echo.sock`.
+    Unix(PathBuf),
+    /// A Unix datagram socket: `unix-dgram:///tmp/echo.dgram`.
+    UnixDatagram(PathBuf),
+}
+
+/// Why an endpoint string did not parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseEndpointError(String);
+
+impl fmt::Display for ParseEndpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseEndpointError {}
+
+impl FromStr for Endpoint {
+    type Err = ParseEndpointError;
+
+    /// Parses `ADDR` (TCP), `tcp://ADDR`, `udp://ADDR`, `unix:///PATH` or
+    /// `unix-dgram:///PATH`. `ADDR` is `HOST:PORT`, IPv6 hosts in brackets;
+    /// a host name is resolved and its first address used.
+    fn from_str(s: &str) -> Result<Endpoint, ParseEndpointError> {
+        let (scheme, rest) = match s.split_once("://") {
+            Some((scheme, rest)) => (scheme, rest),
+            None => ("tcp", s),
+        };
+        let path = || {
+            if rest.is_empty() {
+                Err(ParseEndpointError(format!("missing socket path in {s:?}")))
+            } else {
+                Ok(PathBuf::from(rest))
+            }
+        };
+        match scheme {
+            "tcp" => inet(rest).map(Endpoint::Tcp),
+            "udp" => inet(rest).map(Endpoint::Udp),
+            "unix" => path().map(Endpoint::Unix),
+            "unix-dgram" => path().map(Endpoint::UnixDatagram),
+            other => Err(ParseEndpointError(format!(
+                "unknown scheme {other:?} in {s:?} (expected tcp, udp, unix or unix-dgram)"
+            ))),
+        }
+    }
+}
+
+fn inet(s: &str) -> Result<SocketAddr, ParseEndpointError> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let bad = || ParseEndpointError(format!("bad address {s:?} (expected HOST:PORT)"));
+    s.to_socket_addrs()
+        .map_err(|_| bad())?
+        .next()
+        .ok_or_else(bad)
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
+            Endpoint::Udp(a) => write!(f, "udp://{a}"),
+            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::UnixDatagram(p) => write!(f, "unix-dgram://{}", p.display()),
+        }
+    }
+}
+
+impl Endpoint {
+    /// The socket address of a TCP or UDP endpoint.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Endpoint::Tcp(a) | Endpoint::Udp(a) => Some(*a),
+            Endpoint::Unix(_) | Endpoint::UnixDatagram(_) => None,
+        }
+    }
+
+    /// True for TCP and Unix stream endpoints.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Endpoint::Tcp(_) | Endpoint::Unix(_))
+    }
+
+    /// A command line a person can use to talk to this endpoint.
+    pub fn how_to_connect(&self) -> String {
+        match self {
+            Endpoint::Tcp(a) => format!("nc {} {}", a.ip(), a.port()),
+            Endpoint::Udp(a) => format!("nc -u {} {}", a.ip(), a.port()),
+            Endpoint::Unix(p) => format!("nc -U {}", p.display()),
+            Endpoint::UnixDatagram(p) => format!("nc -uU {}", p.display()),
+        }
+    }
+}
+
+/// A connected stream socket.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
+}
+
+impl Stream {
+    pub(crate) fn fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn sock(&self) -> SockRef<'_> {
+        match self {
+            Stream::Tcp(s) => SockRef::from(s),
+            Stream::Unix(s) => SockRef::from(s),
+        }
+    }
+
+    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+
+    /// One `send(2)`; never raises SIGPIPE.
+    pub(crate) fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.sock().send_with_flags(buf, SEND_FLAGS)
+    }
+
+    pub(crate) fn shutdown_write(&self) {
+        // ENOTCONN here means the peer is already gone, which is fine.
+        let _ = self.sock().shutdown(Shutdown::Write);
+    }
+
+    /// Makes the coming close send a reset and drop unsent data at once.
+    pub(crate) fn set_reset_on_close(&self) {
+        if let Stream::Tcp(_) = self {
+            let _ = self.sock().set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+pub(crate) const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+pub(crate) const SEND_FLAGS: libc::c_int = 0; // SO_NOSIGPIPE is set on accept instead.
+
+/// A listening stream socket.
+#[derive(Debug)]
+pub(crate) enum StreamListener {
+    Tcp(mio::net::TcpListener),
+    Unix(mio::net::UnixListener),
+}
+
+impl StreamListener {
+    pub(crate) fn fd(&self) -> RawFd {
+        match self {
+            StreamListener::Tcp(l) => l.as_raw_fd(),
+            StreamListener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// One `accept4(2)`; the new socket is non-blocking and close-on-exec.
+    pub(crate) fn accept(&self, nodelay: bool) -> io::Result<(Stream, PeerAddr)> {
+        let (stream, peer) = match self {
+            StreamListener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                if nodelay {
+                    // Best effort: a failure only costs latency.
+                    let _ = s.set_nodelay(true);
+                }
+                (Stream::Tcp(s), PeerAddr::Inet(peer))
+            }
+            StreamListener::Unix(l) => {
+                let (s, peer) = l.accept()?;
+                (Stream::Unix(s), PeerAddr::from_unix(&peer))
+            }
+        };
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        let _ = stream.sock().set_nosigpipe(true);
+        Ok((stream, peer))
+    }
+}
+
+/// A TCP listener with our backlog and `SO_REUSEADDR` (so a restarted
+/// server can bind while old connections sit in TIME_WAIT).
+pub(crate) fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<mio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        // Keep [::]:PORT from also taking the IPv4 port, so both can be bound.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(mio::net::TcpListener::from_std(socket.into()))
+}
+
+/// Default mode of the socket files muxserve creates: only the owner may
+/// connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o700;
+
+/// Creates a Unix socket of `ty` bound to `path` with file mode `mode`.
+///
+/// A socket file left behind by a dead server is replaced; one that still
+/// answers is not (`AddrInUse`), and a path that is not a socket is never
+/// removed.
+pub(crate) fn unix_socket(path: &Path, ty: Type, mode: u32, backlog: i32) -> io::Result<Socket> {
+    remove_if_stale(path, ty)?;
+    let socket = Socket::new(Domain::UNIX, ty, None)?;
+    socket.set_nonblocking(true)?;
+    // On Linux the file bind(2) creates takes the socket inode's mode, so
+    // setting it first leaves no window in which others could connect.
+    let _ = SockRef::from(&socket).set_cloexec(true);
+    fchmod(&socket, mode);
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if ty == Type::STREAM {
+        socket.listen(backlog)?;
+    }
+    Ok(socket)
+}
+
+fn fchmod(socket: &Socket, mode: u32) {
+    // SAFETY: fchmod only reads the descriptor, which `socket` keeps open.
+    unsafe {
+        libc::fchmod(socket.as_raw_fd(), mode as libc::mode_t);
+    }
+}
+
+fn remove_if_stale(path: &Path, ty: Type) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    let probe = Socket::new(Domain::UNIX, ty, None)?;
+    match probe.connect(&socket2::SockAddr::unix(path)?) {
+        Ok(()) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running server", path.display()),
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            log::info!("replacing stale socket file {}", path.display());
+            std::fs::remove_file(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_scheme() {
+        let tcp: SocketAddr = "127.0.0.1:7007".parse().unwrap();
+        assert_eq!("127.0.0.1:7007".parse(), Ok(Endpoint::Tcp(tcp)));
+        assert_eq!("tcp://127.0.0.1:7007".parse(), Ok(Endpoint::Tcp(tcp)));
+        assert_eq!("udp://127.0.0.1:7007".parse(), Ok(Endpoint::Udp(tcp)));
+        assert_eq!(
+            "tcp://[::1]:9".parse(),
+            Ok(Endpoint::Tcp("[::1]:9".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:///tmp/a.sock".parse(),
+            Ok(Endpoint::Unix("/tmp/a.sock".into()))
+        );
+        assert_eq!(
+            "unix-dgram:///tmp/a".parse(),
+            Ok(Endpoint::UnixDatagram("/tmp/a".into()))
+        );
+    }
+
+    #[test]
+    fn rejects_nonsense() {
+        for bad in ["", "7007", "sctp://1.2.3.4:5", "unix://", "127.0.0.1:99999"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in [
+            "tcp://127.0.0.1:1",
+            "udp://[::1]:2",
+            "unix:///x",
+            "unix-dgram:///y",
+        ] {
+            assert_eq!(s.parse::<Endpoint>().unwrap().to_string(), s);
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Counters and gauges that every engine keeps.
+//!
+//! Each limit in muxserve has a counter here, so an operator can tell a
+//! quiet server from one that is turning clients away.
+
+use std::fmt;
+
+macro_rules! stats {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// A snapshot of a server's counters and gauges.
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl fmt::Display for Stats {
+            /// One line of `name=value` pairs, zero counters left out.
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut first = true;
+                $(
+                    if self.$name != 0 || stringify!($name) == "active" {
+                        if !first { f.write_str(" ")?; }
+                        first = false;
+                        write!(f, "{}={}", stringify!($name), self.$name)?;
+                    }
+                )*
+                Ok(())
+            }
+        }
+    };
+}
+
+stats! {
+    /// Connections accepted and served.
+    accepted,
+    /// Connections refused because `max_connections` were open.
+    rejected_limit,
+    /// Connections refused by the admission hook.
+    rejected_admission,
+    /// Times accepting was paused for lack of descriptors or memory.
+    accept_pauses,
+    /// Failed `accept` calls, all kinds.
+    accept_errors,
+    /// Connections closed, all reasons.
+    closed,
+    /// Connections closed by the idle timeout.
+    idle_timeouts,
+    /// Connections closed by the frame timeout.
+    frame_timeouts,
+    /// Connections closed by the write-stall timeout.
+    write_timeouts,
+    /// Connections closed for sending more unconsumed input than allowed.
+    input_limit_closes,
+    /// Connections closed because their pending output passed its cap.
+    output_limit_closes,
+    /// Connections closed by a read or write error (resets and the like).
+    io_errors,
+    /// Protocol errors reported by services (bad frames, bad lines).
+    protocol_errors,
+    /// Callbacks that panicked.
+    panics,
+    /// Writes the kernel took only in part.
+    short_writes,
+    /// Bytes read from streams and datagrams.
+    bytes_in,
+    /// Bytes written to streams and datagrams.
+    bytes_out,
+    /// Datagrams received.
+    datagrams_in,
+    /// Datagrams sent.
+    datagrams_out,
+    /// Datagrams dropped because they did not fit the receive buffer.
+    oversize_datagrams,
+    /// Datagrams not answered because they came from a reflector port.
+    reflection_drops,
+    /// Open connections now (gauge).
+    active,
+    /// Most connections open at once (gauge).
+    peak,
+}

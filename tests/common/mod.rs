@@ -1,0 +1,178 @@
+//! Test helpers: every integration test starts its servers through here,
+//! on 127.0.0.1 port 0, and every client socket has timeouts, so a broken
+//! server fails a test instead of hanging it.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use muxserve::{Endpoint, Handle, Report, Server, Service};
+
+/// The longest any single client read or write may block in a test.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Binds `service` on a fresh loopback port of `server`.
+pub fn local<S: Service + 'static>(server: &mut Server, service: S) -> SocketAddr {
+    match server
+        .bind("127.0.0.1:0", service)
+        .expect("bind on loopback")
+    {
+        Endpoint::Tcp(addr) => addr,
+        other => panic!("bound {other}"),
+    }
+}
+
+/// A server running on its own thread; stopped and joined when dropped.
+pub struct TestServer {
+    pub addrs: Vec<SocketAddr>,
+    handle: Handle,
+    thread: Option<JoinHandle<io::Result<Report>>>,
+}
+
+impl TestServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Graceful shutdown; returns the server's report.
+    pub fn shutdown(mut self) -> Report {
+        self.handle.shutdown();
+        self.join()
+    }
+
+    fn join(&mut self) -> Report {
+        let thread = self.thread.take().expect("joined twice");
+        thread
+            .join()
+            .expect("server thread panicked")
+            .expect("server failed")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.handle.stop();
+            if !thread::panicking() {
+                self.join();
+            }
+        }
+    }
+}
+
+/// Starts a server on its own thread. `setup` builds it and binds its
+/// services through [`local`], returning the addresses.
+pub fn start<F>(setup: F) -> TestServer
+where
+    F: FnOnce() -> (Server, Vec<SocketAddr>) + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let thread = thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let (mut server, addrs) = setup();
+            tx.send((server.handle(), addrs)).expect("test gone");
+            server.run()
+        })
+        .expect("spawn server thread");
+    let (handle, addrs) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("server did not start");
+    TestServer {
+        addrs,
+        handle,
+        thread: Some(thread),
+    }
+}
+
+/// One service on the mio engine with the default configuration.
+pub fn start_one<S: Service + Send + 'static>(service: S) -> TestServer {
+    start(move || {
+        let mut server = Server::new().expect("server");
+        let addr = local(&mut server, service);
+        (server, vec![addr])
+    })
+}
+
+/// A connected client with timeouts on both directions.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
+/// Reads until EOF (bounded by the socket's read timeout).
+pub fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).expect("read to EOF");
+    out
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_exact(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut out = vec![0; n];
+    stream.read_exact(&mut out).expect("read exact");
+    out
+}
+
+/// Asserts nothing more arrives within `wait` (a read that times out).
+pub fn assert_silent(stream: &mut TcpStream, wait: Duration) {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("expected silence, got {other:?} {byte:?}"),
+    }
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+/// Echoes `data` through `stream` in `chunk`-sized steps, checking every
+/// byte, so client and server never both wait to write.
+pub fn echo_in_steps(stream: &mut TcpStream, data: &[u8], chunk: usize) {
+    let mut back = vec![0; chunk];
+    for piece in data.chunks(chunk) {
+        stream.write_all(piece).expect("write");
+        stream
+            .read_exact(&mut back[..piece.len()])
+            .expect("read echo");
+        assert!(back[..piece.len()] == *piece, "echo differs");
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Calls `f` until it returns true or `limit` passes; returns whether it did.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    f()
+}
