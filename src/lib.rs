@@ -54,9 +54,12 @@
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+pub mod bench;
 pub mod buffer;
+pub mod codec;
 pub mod config;
 pub mod engine;
+pub mod framed;
 pub mod net;
 pub mod service;
 pub mod services;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use muxserve::services::Binding;
+use muxserve::services::{Binding, Zone};
 use muxserve::{Config, Server};
 
 #[derive(Parser, Debug)]
@@ -22,10 +22,48 @@ struct Cli {
 enum Command {
     /// Serve built-in services; with no bindings, the default set on 127.0.0.1.
     Serve(ServeArgs),
+    /// Benchmark echo servers: each in its own process, driven by a
+    /// one-thread load generator that checks every byte.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Drive this external echo server instead of starting our own.
+    #[arg(long, value_name = "ADDR")]
+    target: Option<std::net::SocketAddr>,
+    /// Engines to start (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "mio")]
+    engines: Vec<String>,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 100)]
+    conns: usize,
+    /// Bytes per request.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
+    /// Seconds of warm-up before each measured run.
+    #[arg(long, default_value = "1", value_parser = seconds)]
+    warmup: Duration,
+    /// Seconds measured per run.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    duration: Duration,
+    /// Runs per engine, interleaved across engines; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Also measure server memory per idle connection with this many
+    /// connections, each having echoed once (0 = skip).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    idle: usize,
 }
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// The engine that runs the services.
+    #[arg(long, default_value = "mio", value_parser = ["mio"])]
+    engine: String,
     /// SERVICE@ADDRESS, e.g. echo@127.0.0.1:7007 or discard@unix:///tmp/d.sock
     bindings: Vec<Binding>,
     /// Most connections open at once (clamped to the descriptor limit).
@@ -34,6 +72,9 @@ struct ServeArgs {
     /// Close connections idle this long (seconds; 0 = never).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     idle_timeout: Option<Duration>,
+    /// Daytime and stamp tell UTC instead of local time.
+    #[arg(long)]
+    utc: bool,
     /// On Ctrl-C, let open connections finish for this long (seconds).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     grace: Option<Duration>,
@@ -60,6 +101,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -96,12 +138,16 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let mut lines = Vec::new();
     for b in &bindings {
-        match b.service.bind(&mut server, b.endpoint.clone()) {
+        let opts = muxserve::services::Options {
+            zone: if args.utc { Zone::Utc } else { Zone::Local },
+        };
+        match b.service.bind(&mut server, b.endpoint.clone(), opts) {
             Ok(bound) => lines.push(format!(
-                "  {:<8} {:<28} {}",
+                "  {:<8} {:<24} {:<22} {}",
                 b.service,
                 bound.to_string(),
-                bound.how_to_connect()
+                bound.how_to_connect(),
+                b.service.summary()
             )),
             Err(e) => {
                 return usage_error(&format!(
@@ -147,5 +193,86 @@ fn stop_on_signals(handle: muxserve::Handle) -> std::io::Result<()> {
                 }
             }
         })?;
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    match run_bench(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("muxserve bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
+    use muxserve::bench::{self, load::LoadSpec, ServerProcess};
+    let spec = LoadSpec {
+        target: args.target.unwrap_or(([127, 0, 0, 1], 0).into()),
+        conns: args.conns,
+        size: args.size,
+        depth: args.depth,
+        warmup: args.warmup,
+        duration: args.duration,
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores >= 2 {
+        let _ = bench::pin(0, 0);
+    }
+    println!(
+        "echo, {} connections x {} B, depth {}, {} runs of {:?} after {:?} warm-up, {} cores",
+        spec.conns, spec.size, spec.depth, args.runs, spec.duration, spec.warmup, cores
+    );
+    let start = |engine: &str| -> std::io::Result<ServerProcess> {
+        let server = ServerProcess::spawn(&["--engine", engine, "echo@127.0.0.1:0"])?;
+        if cores >= 2 {
+            let _ = bench::pin(server.pid(), 1);
+        }
+        Ok(server)
+    };
+    if let Some(target) = args.target {
+        for run in 0..args.runs {
+            let result = bench::load::run(
+                &LoadSpec {
+                    target,
+                    ..spec.clone()
+                },
+                |_| {},
+            )?;
+            println!("run {run}: {:.0} req/s", result.rate());
+        }
+        return Ok(());
+    }
+    let mut samples: Vec<Vec<bench::Sample>> = vec![Vec::new(); args.engines.len()];
+    for run in 0..args.runs {
+        for (e, engine) in args.engines.iter().enumerate() {
+            let server = start(engine)?;
+            let sample = bench::measure(engine, &server, &spec, |_| {})?;
+            println!("run {run}: {sample}");
+            samples[e].push(sample);
+        }
+    }
+    println!("medians:");
+    for (engine, runs) in args.engines.iter().zip(&samples) {
+        let med = |f: &dyn Fn(&bench::Sample) -> f64| {
+            bench::median(&mut runs.iter().map(f).collect::<Vec<_>>())
+        };
+        println!(
+            "  {engine:<8} {:>10.0} req/s  p50 {:.1} µs  p99 {:.1} µs  cpu/req {:.3} µs user + {:.3} µs sys",
+            med(&|s| s.rate),
+            med(&|s| s.latency_us[0]),
+            med(&|s| s.latency_us[1]),
+            med(&|s| s.cpu_us.0),
+            med(&|s| s.cpu_us.1),
+        );
+    }
+    if args.idle > 0 {
+        for engine in &args.engines {
+            let server = start(engine)?;
+            let per = bench::idle_bytes_per_conn(&server, args.idle, args.size)?;
+            println!("  {engine:<8} {per:.0} B of server RSS per idle connection ({} connections, each echoed {} B once)", args.idle, args.size);
+        }
+    }
     Ok(())
 }

@@ -232,7 +232,14 @@ pub(crate) trait Driver {
     /// Queues bytes for every open connection of `service` but `except`.
     fn broadcast(&mut self, service: usize, bytes: &[u8], except: Option<ConnId>) -> usize;
     /// Requests a close, carried out at the end of the loop turn.
-    fn close(&mut self, id: ConnId, mode: CloseMode);
+    fn close(&mut self, id: ConnId, mode: CloseMode, reason: CloseReason);
+    /// Replaces a connection's pending output with `notice` and closes it
+    /// once that is sent (or the close deadline passes).
+    fn evict(&mut self, id: ConnId, notice: &[u8]);
+    /// Whether a close was requested, and whether reading is paused.
+    fn state(&self, id: ConnId) -> Option<(bool, bool)>;
+    /// Counts a protocol error.
+    fn protocol_error(&mut self);
     /// Bytes queued for a connection and not yet accepted by the kernel.
     fn output_len(&self, id: ConnId) -> Option<usize>;
     /// The peer of a connection.
@@ -322,17 +329,51 @@ impl<'a> Context<'a> {
     /// Closes the current connection once its queued output has been sent.
     /// Later writes to it are dropped.
     pub fn close(&mut self) {
-        self.driver.close(self.id, CloseMode::Flush);
+        self.driver
+            .close(self.id, CloseMode::Flush, CloseReason::Closed);
     }
 
     /// Closes the current connection now, dropping any queued output.
     pub fn abort(&mut self) {
-        self.driver.close(self.id, CloseMode::Abort);
+        self.driver
+            .close(self.id, CloseMode::Abort, CloseReason::Aborted);
     }
 
     /// Closes another connection once its queued output has been sent.
     pub fn close_conn(&mut self, id: ConnId) {
-        self.driver.close(id, CloseMode::Flush);
+        self.driver.close(id, CloseMode::Flush, CloseReason::Closed);
+    }
+
+    /// Closes the current connection after its output, telling `on_close`
+    /// (and the counters) why.
+    pub(crate) fn close_with(&mut self, reason: CloseReason) {
+        self.driver.close(self.id, CloseMode::Flush, reason);
+    }
+
+    /// Evicts a connection that cannot keep up: its pending output is
+    /// replaced by `notice` (a last word it may or may not get), and it is
+    /// closed with [`CloseReason::OutputLimit`].
+    pub fn evict(&mut self, id: ConnId, notice: &[u8]) {
+        self.driver.evict(id, notice);
+    }
+
+    /// True once a close of the current connection was requested; later
+    /// writes to it are dropped.
+    pub fn is_closing(&self) -> bool {
+        self.driver
+            .state(self.id)
+            .is_none_or(|(closing, _)| closing)
+    }
+
+    /// True while reading the current connection is paused.
+    pub fn is_paused(&self) -> bool {
+        self.driver.state(self.id).is_some_and(|(_, paused)| paused)
+    }
+
+    /// Counts a protocol error (bad frame, bad command) in the server's
+    /// stats.
+    pub fn protocol_error(&mut self) {
+        self.driver.protocol_error();
     }
 
     /// Bytes queued for the current connection that the kernel has not taken

@@ -40,6 +40,8 @@ pub(super) const READY: u16 = 1 << 8;
 pub(super) const CONNECTED: u16 = 1 << 9;
 /// Leftover input must be shown to the service again (reading resumed).
 pub(super) const REDELIVER: u16 = 1 << 10;
+/// A close is waiting for output to drain, and its deadline is armed.
+pub(super) const CLOSE_DEADLINE: u16 = 1 << 11;
 
 /// One connection. Kept small: an idle connection is this struct, one
 /// session and nothing on the heap.
@@ -253,7 +255,6 @@ impl Core {
         let limits = &self.limits[c.service as usize];
         let pending = c.output.len();
         if pending > limits.max_output {
-            self.stats.output_limit_closes += 1;
             return self.request_close(id, CloseMode::Abort, CloseReason::OutputLimit);
         }
         // Ask for WRITABLE only while bytes remain: an always-writable socket
@@ -395,12 +396,35 @@ impl Driver for Core {
         sent
     }
 
-    fn close(&mut self, id: ConnId, mode: CloseMode) {
-        let reason = match mode {
-            CloseMode::Flush => CloseReason::Closed,
-            CloseMode::Abort => CloseReason::Aborted,
-        };
+    fn close(&mut self, id: ConnId, mode: CloseMode, reason: CloseReason) {
         self.request_close(id, mode, reason);
+    }
+
+    fn evict(&mut self, id: ConnId, notice: &[u8]) {
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        if c.has(CLOSING | LINGER) {
+            return;
+        }
+        c.output.clear();
+        c.output.extend(notice);
+        if id == self.current {
+            self.staging.clear();
+        } else if !c.has(DIRTY) {
+            c.flags |= DIRTY;
+            self.dirty.push(id);
+        }
+        self.request_close(id, CloseMode::Flush, CloseReason::OutputLimit);
+    }
+
+    fn state(&self, id: ConnId) -> Option<(bool, bool)> {
+        let c = self.get(id)?;
+        Some((c.has(CLOSING | LINGER), c.has(PAUSED | BACKPRESSURED)))
+    }
+
+    fn protocol_error(&mut self) {
+        self.stats.protocol_errors += 1;
     }
 
     fn output_len(&self, id: ConnId) -> Option<usize> {

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::core::{
-    conn_id, token, Conn, Core, TimerKind, ABORT, CLOSING, CONNECTED, EOF, LINGER, READY, REDELIVER,
+    conn_id, token, Conn, Core, TimerKind, ABORT, CLOSE_DEADLINE, CLOSING, CONNECTED, EOF, LINGER,
+    READY, REDELIVER,
 };
 use super::mio::MioPoller;
 use super::{Event, Handler, Hosted, Interest, Poller, Waker, LISTENER_BIT, WAKE_TOKEN};
@@ -592,10 +593,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // A signal arrived before any data was copied: try again.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    core.stats.io_errors += 1;
-                    return core.fail(id, &e);
-                }
+                Err(e) => return core.fail(id, &e),
             };
             c.last_active = now;
             core.stats.bytes_in += n as u64;
@@ -654,7 +652,6 @@ impl Server {
                     c.idle = None;
                     let since = c.last_active;
                     if now.duration_since(since) >= after {
-                        self.core.stats.idle_timeouts += 1;
                         self.core
                             .request_close(conn, CloseMode::Flush, CloseReason::IdleTimeout);
                     } else {
@@ -662,11 +659,14 @@ impl Server {
                         self.core.arm_idle(conn, Some(after), since);
                     }
                 }
-                TimerKind::Linger { conn } => {
-                    if self.core.get(conn).is_some_and(|c| c.has(LINGER)) {
-                        self.remove(conn);
+                TimerKind::Linger { conn } => match self.core.get(conn) {
+                    Some(c) if c.has(LINGER) => self.remove(conn),
+                    Some(c) if c.has(CLOSING) => {
+                        // The peer would not take the rest: drop it.
+                        self.core.request_close(conn, CloseMode::Abort, c.reason);
                     }
-                }
+                    _ => {}
+                },
                 TimerKind::AcceptRetry => {
                     self.accept_retry_armed = false;
                     self.resume_accepting();
@@ -704,8 +704,21 @@ impl Server {
         let Some(c) = self.core.get(id) else {
             return;
         };
-        if c.has(LINGER) || (!c.has(ABORT) && !c.output.is_empty()) {
-            // Already done, or still flushing: `after_write` brings it back.
+        if c.has(LINGER) {
+            return; // already done
+        }
+        if !c.has(ABORT) && !c.output.is_empty() {
+            // Still flushing: `after_write` brings it back when done, and a
+            // deadline makes sure a peer that never reads cannot stall it.
+            if !c.has(CLOSE_DEADLINE) {
+                let at = self.core.now + self.config.linger;
+                if let Some(c) = self.core.get_mut(id) {
+                    c.flags |= CLOSE_DEADLINE;
+                }
+                self.core
+                    .timers
+                    .insert(at, None, TimerKind::Linger { conn: id });
+            }
             return;
         }
         let (s, key, why) = (c.service as usize, c.session as usize, c.reason);
@@ -719,9 +732,14 @@ impl Server {
         stats.closed += 1;
         stats.active -= 1;
         match why {
+            CloseReason::IdleTimeout => stats.idle_timeouts += 1,
+            CloseReason::FrameTimeout => stats.frame_timeouts += 1,
+            CloseReason::WriteTimeout => stats.write_timeouts += 1,
             CloseReason::InputLimit => stats.input_limit_closes += 1,
+            CloseReason::OutputLimit => stats.output_limit_closes += 1,
+            CloseReason::Error(_) => stats.io_errors += 1,
             CloseReason::Panic => stats.panics += 1,
-            _ => {}
+            CloseReason::Closed | CloseReason::Aborted | CloseReason::Shutdown => {}
         }
         let Some(c) = self.core.get_mut(id) else {
             return;
@@ -952,9 +970,11 @@ fn linger_read(core: &mut Core, id: ConnId, scratch: &mut [u8]) -> bool {
     }
 }
 
-/// `muxserve::services::echo::Echo` → `Echo`, for log lines.
+/// A short name for log lines: `muxserve::services::echo::Echo` is `Echo`,
+/// and an adapter like `Framed<Delimited, Chat>` is named by what it wraps,
+/// `Chat`.
 fn service_name<S>() -> &'static str {
-    let full = std::any::type_name::<S>();
-    let head = full.split('<').next().unwrap_or(full);
-    head.rsplit("::").next().unwrap_or(head)
+    let full = std::any::type_name::<S>().trim_end_matches('>');
+    let last = full.rsplit([',', '<']).next().unwrap_or(full).trim();
+    last.rsplit("::").next().unwrap_or(last)
 }

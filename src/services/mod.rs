@@ -1,10 +1,20 @@
 //! The built-in services, and the table of names the CLI binds them by.
 
+pub mod chat;
+pub mod clock;
+mod daytime;
 mod discard;
 mod echo;
+mod stamp;
+mod time;
 
+pub use self::chat::Chat;
+pub use self::clock::Zone;
+pub use self::daytime::Daytime;
 pub use self::discard::Discard;
 pub use self::echo::Echo;
+pub use self::stamp::Stamp;
+pub use self::time::Time;
 
 use std::fmt;
 use std::io;
@@ -20,17 +30,43 @@ pub enum Builtin {
     Echo,
     /// [`Discard`], RFC 863.
     Discard,
+    /// [`Daytime`], RFC 867.
+    Daytime,
+    /// [`Time`], RFC 868.
+    Time,
+    /// [`Stamp`], the time-stamping echo.
+    Stamp,
+    /// [`Chat`], a chat room.
+    Chat,
+}
+
+/// Settings the built-in services take from the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Time zone of daytime and stamp.
+    pub zone: Zone,
 }
 
 impl Builtin {
     /// Every built-in service.
-    pub const ALL: &'static [Builtin] = &[Builtin::Echo, Builtin::Discard];
+    pub const ALL: &'static [Builtin] = &[
+        Builtin::Echo,
+        Builtin::Discard,
+        Builtin::Daytime,
+        Builtin::Time,
+        Builtin::Stamp,
+        Builtin::Chat,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Builtin::Echo => "echo",
             Builtin::Discard => "discard",
+            Builtin::Daytime => "daytime",
+            Builtin::Time => "time",
+            Builtin::Stamp => "stamp",
+            Builtin::Chat => "chat",
         }
     }
 
@@ -39,21 +75,42 @@ impl Builtin {
         match self {
             Builtin::Echo => &["127.0.0.1:7007"],
             Builtin::Discard => &["127.0.0.1:7009"],
+            Builtin::Daytime => &["127.0.0.1:1313"],
+            Builtin::Time => &["127.0.0.1:3737"],
+            Builtin::Stamp => &["127.0.0.1:2121"],
+            Builtin::Chat => &["127.0.0.1:6667"],
         }
     }
 
     /// Binds this service on `endpoint` of `server`.
-    pub fn bind(self, server: &mut Server, endpoint: Endpoint) -> io::Result<Endpoint> {
-        let limits = server_limits(server);
+    pub fn bind(
+        self,
+        server: &mut Server,
+        endpoint: Endpoint,
+        opts: Options,
+    ) -> io::Result<Endpoint> {
+        let limits = server.config().limits.clone();
         match self {
             Builtin::Echo => server.bind_with(endpoint, Echo, limits),
             Builtin::Discard => server.bind_with(endpoint, Discard, limits),
+            Builtin::Daytime => server.bind_with(endpoint, Daytime { zone: opts.zone }, limits),
+            Builtin::Time => server.bind_with(endpoint, Time, limits),
+            Builtin::Stamp => server.bind_with(endpoint, Stamp::service(opts.zone), limits),
+            Builtin::Chat => server.bind_with(endpoint, Chat::new().service(), limits),
         }
     }
-}
 
-fn server_limits(server: &Server) -> crate::config::Limits {
-    server.config().limits.clone()
+    /// What a person sees when they connect.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Builtin::Echo => "every byte comes back",
+            Builtin::Discard => "everything is read and dropped",
+            Builtin::Daytime => "one line with the date and time",
+            Builtin::Time => "4 bytes: seconds since 1900 (try: rdate -p -o PORT 127.0.0.1)",
+            Builtin::Stamp => "each line comes back as [time] line",
+            Builtin::Chat => "a chat room: send a nickname, then talk; /help",
+        }
+    }
 }
 
 impl fmt::Display for Builtin {

@@ -1,0 +1,44 @@
+//! Stamp: the time-stamping echo of the seed notes. Every line `msg` comes
+//! back as `[Sat Nov 21 20:23:00 2026] msg`.
+
+use std::time::SystemTime;
+
+use super::clock::{ctime, Zone};
+use crate::codec::{Delimited, FrameError, MAX_LINE};
+use crate::framed::{FrameService, Framed};
+use crate::service::Context;
+
+/// Answers each line with the time and the line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stamp {
+    /// Local time (default) or UTC.
+    pub zone: Zone,
+}
+
+impl Stamp {
+    /// The service, framed by lines of at most [`MAX_LINE`] bytes; a longer
+    /// line gets an error line and is skipped.
+    pub fn service(zone: Zone) -> Framed<Delimited, Stamp> {
+        let lines = Delimited::lines(MAX_LINE).overlong(crate::codec::Overlong::Skip);
+        Framed::new(lines, Stamp { zone })
+    }
+}
+
+impl FrameService for Stamp {
+    type Session = ();
+
+    fn on_connect(&mut self, _cx: &mut Context<'_>) {}
+
+    fn on_frame(&mut self, cx: &mut Context<'_>, _: &mut (), line: &[u8]) {
+        let stamp = ctime(SystemTime::now(), self.zone);
+        cx.write(b"[");
+        cx.write(stamp.as_bytes());
+        cx.write(b"] ");
+        cx.write(line);
+        cx.write(b"\r\n");
+    }
+
+    fn on_frame_error(&mut self, cx: &mut Context<'_>, _: &mut (), err: &FrameError) {
+        cx.write(format!("error: {err}\r\n").as_bytes());
+    }
+}

@@ -1,0 +1,25 @@
+//! Time (RFC 868): four bytes, seconds since 1900, then close.
+
+use std::time::SystemTime;
+
+use super::clock::rfc868;
+use crate::buffer::Input;
+use crate::service::{Context, Service};
+
+/// Sends the time as a 32-bit big-endian count of seconds since
+/// 1900-01-01 00:00 UTC, and closes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Time;
+
+impl Service for Time {
+    type Session = ();
+
+    fn on_connect(&mut self, cx: &mut Context<'_>) {
+        cx.write(&rfc868(SystemTime::now()));
+        cx.close();
+    }
+
+    fn on_data(&mut self, _cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
+        input.take();
+    }
+}
