@@ -29,6 +29,14 @@ pub struct Limits {
     /// waiting for a frame larger than any it accepts. Default 1 MiB plus
     /// one read chunk, just above the largest default frame.
     pub max_input: usize,
+    /// The kernel send buffer (`SO_SNDBUF`) of each connection, set on the
+    /// listener so accepted sockets inherit it at no cost per accept.
+    /// `None` (the default) leaves it to the kernel, which on Linux grows it
+    /// up to about 4 MiB: that much output can sit in the kernel for a peer
+    /// that never reads before the server's own buffer (and its caps) see
+    /// anything. Set it lower where memory per connection matters more than
+    /// bulk throughput.
+    pub send_buffer: Option<usize>,
 }
 
 impl Default for Limits {
@@ -39,6 +47,7 @@ impl Default for Limits {
             output_low_water: 16 * 1024,
             max_output: 16 * 1024 * 1024,
             max_input: 1024 * 1024 + READ_CHUNK,
+            send_buffer: None,
         }
     }
 }

@@ -212,8 +212,15 @@ impl StreamListener {
 
 /// A TCP listener with our backlog and `SO_REUSEADDR` (so a restarted
 /// server can bind while old connections sit in TIME_WAIT).
-pub(crate) fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<mio::net::TcpListener> {
+pub(crate) fn tcp_listener(
+    addr: SocketAddr,
+    backlog: i32,
+    send_buffer: Option<usize>,
+) -> io::Result<mio::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if let Some(size) = send_buffer {
+        socket.set_send_buffer_size(size)?;
+    }
     if addr.is_ipv6() {
         // Keep [::]:PORT from also taking the IPv4 port, so both can be bound.
         socket.set_only_v6(true)?;

@@ -233,7 +233,7 @@ impl Server {
     ) -> io::Result<Endpoint> {
         let (listener, bound) = match &endpoint {
             Endpoint::Tcp(addr) => {
-                let l = net::tcp_listener(*addr, self.config.backlog)?;
+                let l = net::tcp_listener(*addr, self.config.backlog, limits.send_buffer)?;
                 let local = l.local_addr()?;
                 (StreamListener::Tcp(l), Endpoint::Tcp(local))
             }

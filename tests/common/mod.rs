@@ -176,3 +176,73 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A client for line protocols.
+pub struct LineClient {
+    pub stream: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+}
+
+impl LineClient {
+    pub fn connect(addr: SocketAddr) -> LineClient {
+        LineClient::from_stream(connect(addr))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> LineClient {
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        LineClient { stream, reader }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).expect("send");
+        self.stream.write_all(b"\n").expect("send");
+    }
+
+    /// The next line, with its "\r\n" (panics on EOF or timeout).
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut self.reader, &mut line).expect("read line");
+        assert!(n > 0, "EOF while expecting a line");
+        line
+    }
+
+    /// Asserts the next line is `expected` (given without "\r\n").
+    pub fn expect(&mut self, expected: &str) {
+        assert_eq!(self.line(), format!("{expected}\r\n"));
+    }
+
+    /// Asserts the next thing is EOF.
+    pub fn expect_eof(&mut self) {
+        let mut rest = String::new();
+        std::io::BufRead::read_line(&mut self.reader, &mut rest).expect("read");
+        assert_eq!(rest, "", "expected EOF");
+    }
+}
+
+/// The engines the conformance suite runs every scenario on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Mio,
+}
+
+/// Starts a built-in service on `engine`, on a fresh loopback port.
+pub fn start_builtin(
+    engine: Engine,
+    service: muxserve::services::Builtin,
+    opts: muxserve::services::Options,
+) -> TestServer {
+    match engine {
+        Engine::Mio => start(move || {
+            let mut server = Server::new().expect("server");
+            let bound = service
+                .bind(&mut server, LOOPBACK.parse().unwrap(), opts)
+                .expect("bind");
+            (server, vec![bound.socket_addr().unwrap()])
+        }),
+    }
+}
+
+/// Where test servers listen: loopback, a port the kernel picks.
+pub const LOOPBACK: &str = "127.0.0.1:0";
