@@ -217,3 +217,30 @@ fn a_stale_conn_id_reaches_nothing_in_a_reused_slot() {
     assert_eq!(read_exact(&mut second, 9), b"ok:false\n");
     assert_silent(&mut second, Duration::from_millis(50));
 }
+
+#[test]
+fn idle_connections_hold_no_buffers_after_echoing() {
+    let mut server = Server::new().unwrap();
+    let addr = local(&mut server, Echo);
+    let clients = thread::spawn(move || {
+        (0..100u8)
+            .map(|i| {
+                let mut c = connect(addr);
+                // An odd size, and one that leaves no partial anything.
+                let data = pattern(1000 + i as usize, i as u64 + 1);
+                c.write_all(&data).unwrap();
+                assert_eq!(read_exact(&mut c, data.len()), data);
+                c
+            })
+            .collect::<Vec<_>>()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !clients.is_finished() {
+        assert!(Instant::now() < deadline, "clients did not finish");
+        server.run_once(Some(Duration::from_millis(10))).unwrap();
+    }
+    let clients = clients.join().unwrap();
+    assert_eq!(server.connections(), 100);
+    assert_eq!(server.buffered().capacity, 0, "{:?}", server.buffered());
+    drop(clients);
+}
