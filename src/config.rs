@@ -57,6 +57,21 @@ impl Default for Limits {
 /// largest loopback segment and the largest UDP datagram.
 pub const READ_CHUNK: usize = 64 * 1024;
 
+/// The largest datagram served. The loop reads datagrams into a buffer one
+/// byte larger, so a longer one shows up as too long instead of being
+/// silently cut; it is dropped and counted, never answered in part. UDP over
+/// IPv4 carries at most 65,507 bytes, so only Unix datagrams can be larger.
+pub const MAX_DATAGRAM: usize = 65_536;
+
+/// Datagrams read per socket per wakeup before others get a turn.
+pub const DATAGRAMS_PER_WAKEUP: usize = 64;
+
+/// Source ports of the classic UDP services that answer anything (echo,
+/// daytime, chargen, time). A datagram "from" one of them is most likely
+/// forged to make two servers bounce replies at each other for ever, so it
+/// is dropped and counted instead of answered.
+pub const REFLECTOR_PORTS: [u16; 4] = [7, 13, 19, 37];
+
 /// Server-wide settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]

@@ -85,6 +85,32 @@ fn inet(s: &str) -> Result<SocketAddr, ParseEndpointError> {
         .ok_or_else(bad)
 }
 
+/// Anything [`Server::bind`](crate::Server::bind) accepts as an address:
+/// an [`Endpoint`] or a string in its syntax.
+pub trait ToEndpoint {
+    /// The endpoint, or an `InvalidInput` error saying why not.
+    fn to_endpoint(self) -> io::Result<Endpoint>;
+}
+
+impl ToEndpoint for Endpoint {
+    fn to_endpoint(self) -> io::Result<Endpoint> {
+        Ok(self)
+    }
+}
+
+impl ToEndpoint for &str {
+    fn to_endpoint(self) -> io::Result<Endpoint> {
+        self.parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    }
+}
+
+impl ToEndpoint for &String {
+    fn to_endpoint(self) -> io::Result<Endpoint> {
+        self.as_str().to_endpoint()
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -96,7 +122,22 @@ impl fmt::Display for Endpoint {
     }
 }
 
+impl From<SocketAddr> for Endpoint {
+    /// A TCP endpoint.
+    fn from(addr: SocketAddr) -> Endpoint {
+        Endpoint::Tcp(addr)
+    }
+}
+
 impl Endpoint {
+    /// The path of a Unix endpoint.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Endpoint::Unix(p) | Endpoint::UnixDatagram(p) => Some(p),
+            Endpoint::Tcp(_) | Endpoint::Udp(_) => None,
+        }
+    }
+
     /// The socket address of a TCP or UDP endpoint.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         match self {
@@ -208,6 +249,56 @@ impl StreamListener {
         let _ = stream.sock().set_nosigpipe(true);
         Ok((stream, peer))
     }
+}
+
+/// A datagram socket.
+#[derive(Debug)]
+pub(crate) enum DgramSocket {
+    Udp(mio::net::UdpSocket),
+    Unix(mio::net::UnixDatagram),
+}
+
+impl DgramSocket {
+    pub(crate) fn fd(&self) -> RawFd {
+        match self {
+            DgramSocket::Udp(s) => s.as_raw_fd(),
+            DgramSocket::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    pub(crate) fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, PeerAddr)> {
+        match self {
+            DgramSocket::Udp(s) => s.recv_from(buf).map(|(n, a)| (n, PeerAddr::Inet(a))),
+            DgramSocket::Unix(s) => s.recv_from(buf).map(|(n, a)| (n, PeerAddr::from_unix(&a))),
+        }
+    }
+
+    pub(crate) fn send_to(&self, buf: &[u8], to: &PeerAddr) -> io::Result<usize> {
+        match (self, to) {
+            (DgramSocket::Udp(s), PeerAddr::Inet(a)) => s.send_to(buf, *a),
+            (DgramSocket::Unix(s), PeerAddr::Unix(Some(path))) => s.send_to(buf, path),
+            (DgramSocket::Unix(_), PeerAddr::Unix(None)) => Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "the sender has no address to reply to (an unbound Unix socket)",
+            )),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "address family does not match the socket",
+            )),
+        }
+    }
+}
+
+/// A UDP socket. No `SO_REUSEADDR`: for UDP it would let a second server
+/// bind the same port silently.
+pub(crate) fn udp_socket(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(mio::net::UdpSocket::from_std(socket.into()))
 }
 
 /// A TCP listener with our backlog and `SO_REUSEADDR` (so a restarted

@@ -438,3 +438,80 @@ impl<'a> Context<'a> {
         self.driver.stop();
     }
 }
+
+/// Protocol code for a datagram socket (UDP or Unix datagram): one callback
+/// per datagram, with the sender's address.
+///
+/// ```
+/// use muxserve::service::{DatagramContext, DatagramService};
+/// use muxserve::PeerAddr;
+///
+/// /// Answers every datagram with its length.
+/// struct Size;
+///
+/// impl DatagramService for Size {
+///     fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, _from: &PeerAddr, data: &[u8]) {
+///         cx.reply(data.len().to_string().as_bytes());
+///     }
+/// }
+/// ```
+pub trait DatagramService {
+    /// A datagram arrived, whole: datagrams that did not fit the receive
+    /// buffer are dropped (and counted) before they get here.
+    fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, from: &PeerAddr, data: &[u8]);
+}
+
+/// What an engine offers a [`DatagramContext`].
+pub(crate) trait DatagramDriver {
+    fn now(&self) -> Instant;
+    fn send_to(&mut self, to: &PeerAddr, bytes: &[u8]) -> bool;
+    fn stop(&mut self);
+}
+
+/// The datagram service's window on the engine during one callback.
+///
+/// Replies are sent at once (a datagram is sent whole or not at all); if
+/// the kernel's buffer is full the reply is dropped, as UDP may drop it
+/// anywhere on the way, and counted.
+pub struct DatagramContext<'a> {
+    driver: &'a mut dyn DatagramDriver,
+    from: &'a PeerAddr,
+}
+
+impl fmt::Debug for DatagramContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatagramContext")
+            .field("from", self.from)
+            .finish()
+    }
+}
+
+impl<'a> DatagramContext<'a> {
+    pub(crate) fn new(
+        driver: &'a mut dyn DatagramDriver,
+        from: &'a PeerAddr,
+    ) -> DatagramContext<'a> {
+        DatagramContext { driver, from }
+    }
+
+    /// Sends `bytes` back to the sender. False if it could not be sent.
+    pub fn reply(&mut self, bytes: &[u8]) -> bool {
+        let from = self.from;
+        self.driver.send_to(from, bytes)
+    }
+
+    /// Sends `bytes` to any address. False if it could not be sent.
+    pub fn send_to(&mut self, to: &PeerAddr, bytes: &[u8]) -> bool {
+        self.driver.send_to(to, bytes)
+    }
+
+    /// The time this loop turn started.
+    pub fn now(&self) -> Instant {
+        self.driver.now()
+    }
+
+    /// Starts a graceful shutdown of the whole server.
+    pub fn stop_server(&mut self) {
+        self.driver.stop();
+    }
+}

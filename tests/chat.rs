@@ -128,7 +128,7 @@ fn a_member_that_never_reads_is_evicted_and_slows_no_one() {
         config.limits.send_buffer = Some(64 * 1024);
         let mut server = Server::with_config(config).unwrap();
         let addr = local(&mut server, Chat::with_caps(caps).service());
-        (server, vec![addr])
+        (server, vec![addr.into()])
     });
     let addr = server.addr();
 

@@ -180,7 +180,7 @@ fn idle_timeout_closes_idle_clients_in_time_and_spares_active_ones() {
         config.limits.idle_timeout = Some(idle);
         let mut server = Server::with_config(config).unwrap();
         let addr = local(&mut server, Echo);
-        (server, vec![addr])
+        (server, vec![addr.into()])
     });
     let addr = server.addr();
     let active = std::thread::spawn(move || {

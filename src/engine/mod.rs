@@ -79,16 +79,17 @@ pub(crate) trait Poller {
 }
 
 // Tokens: a connection's token is its slot index in the low 32 bits and its
-// generation in bits 32..63, so an event for a connection that closed can
-// never be taken for the one that reuses its slot. Listeners set bit 63; the
-// waker is all ones.
+// generation in bits 32..61, so an event for a connection that closed can
+// never be taken for the one that reuses its slot. Stream listeners set bit
+// 63, datagram sockets bit 62; the waker is all ones.
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("muxserve packs connection generations into mio tokens and needs a 64-bit target");
 
 pub(crate) const LISTENER_BIT: usize = 1 << 63;
+pub(crate) const DGRAM_BIT: usize = 1 << 62;
 pub(crate) const WAKE_TOKEN: usize = usize::MAX;
-/// Generations wrap at 2^31 so that they never reach the listener bit.
-pub(crate) const GEN_MASK: u32 = (1 << 31) - 1;
+/// Generations wrap at 2^30 so that they never reach the socket bits.
+pub(crate) const GEN_MASK: u32 = (1 << 30) - 1;
 
 /// A [`Service`] with its sessions, behind an object-safe interface so that
 /// one loop can host services of different types. Sessions live in a slab

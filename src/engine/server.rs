@@ -9,7 +9,7 @@
 use std::fmt;
 use std::io;
 use std::mem;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,11 +19,16 @@ use super::core::{
     READY, REDELIVER,
 };
 use super::mio::MioPoller;
-use super::{Event, Handler, Hosted, Interest, Poller, Waker, LISTENER_BIT, WAKE_TOKEN};
+use super::{Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT, LISTENER_BIT, WAKE_TOKEN};
 use crate::buffer::{Input, OutBuf};
-use crate::config::{Config, Limits, READ_CHUNK};
-use crate::net::{self, Endpoint, Stream, StreamListener};
-use crate::service::{CloseMode, CloseReason, ConnId, Context, PeerAddr, Service};
+use crate::config::{
+    Config, Limits, DATAGRAMS_PER_WAKEUP, MAX_DATAGRAM, READ_CHUNK, REFLECTOR_PORTS,
+};
+use crate::net::{self, DgramSocket, Endpoint, Stream, StreamListener, ToEndpoint};
+use crate::service::{
+    CloseMode, CloseReason, ConnId, Context, DatagramContext, DatagramDriver, DatagramService,
+    PeerAddr, Service,
+};
 use crate::stats::Stats;
 
 /// After descriptors or memory ran out, accepting is retried after this
@@ -131,6 +136,52 @@ struct Bound {
     ready: bool,
 }
 
+/// A datagram socket and the service behind it.
+struct DgramBound {
+    /// `None` once shutdown began.
+    socket: Option<DgramSocket>,
+    handler: Box<dyn DatagramService>,
+    endpoint: Endpoint,
+    ready: bool,
+}
+
+/// Sends a datagram service's replies.
+struct DgramIo<'a> {
+    socket: &'a DgramSocket,
+    stats: &'a mut Stats,
+    now: Instant,
+    stop: &'a mut bool,
+}
+
+impl DatagramDriver for DgramIo<'_> {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn send_to(&mut self, to: &PeerAddr, bytes: &[u8]) -> bool {
+        loop {
+            match self.socket.send_to(bytes, to) {
+                Ok(n) => {
+                    self.stats.datagrams_out += 1;
+                    self.stats.bytes_out += n as u64;
+                    return true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // WouldBlock: the socket buffer is full. Datagrams may be
+                // lost anywhere; this one is lost here.
+                Err(e) => {
+                    log::debug!("reply to {to}: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        *self.stop = true;
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Running,
@@ -154,6 +205,7 @@ pub struct Server {
     poller: Box<dyn Poller>,
     events: Vec<Event>,
     services: Vec<Bound>,
+    dgrams: Vec<DgramBound>,
     core: Core,
     /// The loop-wide read buffer; connections keep only leftovers.
     scratch: Box<[u8]>,
@@ -170,6 +222,7 @@ impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
             .field("listeners", &self.services.len())
+            .field("datagram_sockets", &self.dgrams.len())
             .field("connections", &self.core.conns.len())
             .field("state", &self.state)
             .finish()
@@ -197,8 +250,11 @@ impl Server {
             poller,
             events: Vec::with_capacity(1024),
             services: Vec::new(),
+            dgrams: Vec::new(),
             core: Core::new(),
-            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            // One byte more than the largest datagram, to tell a datagram
+            // that fits from one the kernel cut.
+            scratch: vec![0; READ_CHUNK.max(MAX_DATAGRAM) + 1].into_boxed_slice(),
             shared,
             config,
             max_conns,
@@ -209,19 +265,60 @@ impl Server {
         }
     }
 
-    /// Listens on `endpoint` (see [`Endpoint`]'s syntax, e.g.
-    /// `127.0.0.1:0` or `unix:///tmp/echo.sock`) and serves every connection
-    /// with `service`. Returns where it really listens.
+    /// Listens on a stream `endpoint` (see [`Endpoint`]'s syntax, e.g.
+    /// `127.0.0.1:0`, `[::1]:7007` or `unix:///tmp/echo.sock`) and serves
+    /// every connection with `service`. Returns where it really listens
+    /// (the port the kernel chose for port 0).
     pub fn bind<S: Service + 'static>(
         &mut self,
-        endpoint: &str,
+        endpoint: impl ToEndpoint,
         service: S,
     ) -> io::Result<Endpoint> {
-        let endpoint = endpoint
-            .parse()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let limits = self.config.limits.clone();
-        self.bind_with(endpoint, service, limits)
+        self.bind_with(endpoint.to_endpoint()?, service, limits)
+    }
+
+    /// Serves datagrams arriving on `endpoint` (`udp://HOST:PORT` or
+    /// `unix-dgram:///PATH`) with `service`.
+    pub fn bind_datagram<S: DatagramService + 'static>(
+        &mut self,
+        endpoint: impl ToEndpoint,
+        service: S,
+    ) -> io::Result<Endpoint> {
+        let endpoint = endpoint.to_endpoint()?;
+        let (socket, bound) = match &endpoint {
+            Endpoint::Udp(addr) => {
+                let s = net::udp_socket(*addr)?;
+                let local = s.local_addr()?;
+                (DgramSocket::Udp(s), Endpoint::Udp(local))
+            }
+            Endpoint::UnixDatagram(path) => {
+                let socket =
+                    net::unix_socket(path, socket2::Type::DGRAM, net::DEFAULT_SOCKET_MODE, 0)?;
+                let std: std::os::unix::net::UnixDatagram = socket.into();
+                (
+                    DgramSocket::Unix(mio::net::UnixDatagram::from_std(std)),
+                    endpoint.clone(),
+                )
+            }
+            Endpoint::Tcp(_) | Endpoint::Unix(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{endpoint} is a stream endpoint; a datagram service needs udp:// or unix-dgram://"),
+                ))
+            }
+        };
+        let index = self.dgrams.len();
+        self.poller
+            .register(socket.fd(), DGRAM_BIT | index, Interest::Read)?;
+        log::info!("{} serving datagrams on {bound}", service_name::<S>());
+        self.dgrams.push(DgramBound {
+            socket: Some(socket),
+            handler: Box::new(service),
+            endpoint: bound.clone(),
+            ready: false,
+        });
+        Ok(bound)
     }
 
     /// Like [`bind`](Server::bind), with limits of its own for this listener.
@@ -387,6 +484,7 @@ impl Server {
             // The handle set a request; `check_requests` reads it.
             WAKE_TOKEN => {}
             t if t & LISTENER_BIT != 0 => self.accept(t & !LISTENER_BIT),
+            t if t & DGRAM_BIT != 0 => self.receive(t & !DGRAM_BIT),
             t => {
                 let id = conn_id(t);
                 if event.readable {
@@ -410,6 +508,10 @@ impl Server {
                 let s = t & !LISTENER_BIT;
                 self.services[s].ready = false;
                 self.accept(s);
+            } else if t & DGRAM_BIT != 0 {
+                let d = t & !DGRAM_BIT;
+                self.dgrams[d].ready = false;
+                self.receive(d);
             } else {
                 let id = conn_id(t);
                 if let Some(c) = self.core.get_mut(id) {
@@ -609,6 +711,62 @@ impl Server {
         core.mark_ready(id);
     }
 
+    // ---- datagrams ----------------------------------------------------
+
+    /// Reads datagrams until the socket is drained or the budget is spent.
+    fn receive(&mut self, d: usize) {
+        let Server {
+            dgrams,
+            core,
+            scratch,
+            ..
+        } = self;
+        let bound = &mut dgrams[d];
+        let Some(socket) = &bound.socket else {
+            return;
+        };
+        for _ in 0..DATAGRAMS_PER_WAKEUP {
+            let (n, from) = match socket.recv_from(scratch) {
+                Ok(got) => got,
+                // Drained: the next datagram is a new edge.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // An ICMP error for an earlier reply (ECONNREFUSED and the
+                // like), reported on this read. It is used up now; go on.
+                Err(e) => {
+                    log::debug!("{}: {e}", bound.endpoint);
+                    continue;
+                }
+            };
+            core.stats.datagrams_in += 1;
+            core.stats.bytes_in += n as u64;
+            if n > MAX_DATAGRAM {
+                core.stats.oversize_datagrams += 1;
+                continue;
+            }
+            if from.port().is_some_and(|p| REFLECTOR_PORTS.contains(&p)) {
+                core.stats.reflection_drops += 1;
+                continue;
+            }
+            let mut io = DgramIo {
+                socket,
+                stats: &mut core.stats,
+                now: core.now,
+                stop: &mut core.stop_requested,
+            };
+            bound.handler.on_datagram(
+                &mut DatagramContext::new(&mut io, &from),
+                &from,
+                &scratch[..n],
+            );
+        }
+        // Budget spent: others get a turn, then we come back.
+        if !bound.ready {
+            bound.ready = true;
+            core.ready.push(DGRAM_BIT | d);
+        }
+    }
+
     // ---- timers -------------------------------------------------------
 
     fn fire_timers(&mut self) {
@@ -805,6 +963,14 @@ impl Server {
                 .handler
                 .shutdown(&mut Context::new(core, ConnId::NONE, s));
         }
+        for bound in &mut self.dgrams {
+            if let Some(socket) = bound.socket.take() {
+                let _ = self.poller.deregister(socket.fd());
+                if let Endpoint::UnixDatagram(path) = &bound.endpoint {
+                    remove_socket_file(path);
+                }
+            }
+        }
         self.end_of_turn();
         self.state = State::Draining {
             deadline: self.core.now + self.config.grace,
@@ -872,10 +1038,15 @@ impl Drop for Server {
                 remove_socket_file(path);
             }
         }
+        for bound in &self.dgrams {
+            if let (Some(_), Endpoint::UnixDatagram(path)) = (&bound.socket, &bound.endpoint) {
+                remove_socket_file(path);
+            }
+        }
     }
 }
 
-fn remove_socket_file(path: &PathBuf) {
+fn remove_socket_file(path: &Path) {
     if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != io::ErrorKind::NotFound {
             log::warn!("cannot remove {}: {e}", path.display());

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use super::clock::{ctime, Zone};
 use crate::buffer::Input;
-use crate::service::{Context, Service};
+use crate::service::{Context, DatagramContext, DatagramService, PeerAddr, Service};
 
 /// Sends `Sat Nov 21 20:23:00 2026\r\n` and closes. Anything the client
 /// sends is ignored.
@@ -25,5 +25,13 @@ impl Service for Daytime {
 
     fn on_data(&mut self, _cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
         input.take();
+    }
+}
+
+/// Over datagrams: any datagram is answered with one carrying the line.
+impl DatagramService for Daytime {
+    fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, _from: &PeerAddr, _data: &[u8]) {
+        let line = format!("{}\r\n", ctime(SystemTime::now(), self.zone));
+        cx.reply(line.as_bytes());
     }
 }

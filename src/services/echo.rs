@@ -1,7 +1,7 @@
 //! Echo (RFC 862): every byte back, in order, until the client closes.
 
 use crate::buffer::Input;
-use crate::service::{Context, Service};
+use crate::service::{Context, DatagramContext, DatagramService, PeerAddr, Service};
 
 /// Sends every byte back.
 ///
@@ -19,5 +19,12 @@ impl Service for Echo {
 
     fn on_data(&mut self, cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
         cx.write(input.take());
+    }
+}
+
+/// Over datagrams: each datagram back to its sender, whole.
+impl DatagramService for Echo {
+    fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, _from: &PeerAddr, data: &[u8]) {
+        cx.reply(data);
     }
 }

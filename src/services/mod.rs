@@ -73,10 +73,10 @@ impl Builtin {
     /// Where `muxserve serve` runs it when given no bindings.
     pub fn default_endpoints(self) -> &'static [&'static str] {
         match self {
-            Builtin::Echo => &["127.0.0.1:7007"],
+            Builtin::Echo => &["127.0.0.1:7007", "udp://127.0.0.1:7007"],
             Builtin::Discard => &["127.0.0.1:7009"],
-            Builtin::Daytime => &["127.0.0.1:1313"],
-            Builtin::Time => &["127.0.0.1:3737"],
+            Builtin::Daytime => &["127.0.0.1:1313", "udp://127.0.0.1:1313"],
+            Builtin::Time => &["127.0.0.1:3737", "udp://127.0.0.1:3737"],
             Builtin::Stamp => &["127.0.0.1:2121"],
             Builtin::Chat => &["127.0.0.1:6667"],
         }
@@ -89,6 +89,21 @@ impl Builtin {
         endpoint: Endpoint,
         opts: Options,
     ) -> io::Result<Endpoint> {
+        // A stream endpoint gets the stream version, a datagram endpoint the
+        // datagram version.
+        if !endpoint.is_stream() {
+            return match self {
+                Builtin::Echo => server.bind_datagram(endpoint, Echo),
+                Builtin::Discard => server.bind_datagram(endpoint, Discard),
+                Builtin::Daytime => server.bind_datagram(endpoint, Daytime { zone: opts.zone }),
+                Builtin::Time => server.bind_datagram(endpoint, Time),
+                Builtin::Stamp => server.bind_datagram(endpoint, Stamp { zone: opts.zone }),
+                Builtin::Chat => Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "chat needs a stream (tcp:// or unix://), not datagrams",
+                )),
+            };
+        }
         let limits = server.config().limits.clone();
         match self {
             Builtin::Echo => server.bind_with(endpoint, Echo, limits),

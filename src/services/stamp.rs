@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use super::clock::{ctime, Zone};
 use crate::codec::{Delimited, FrameError, MAX_LINE};
 use crate::framed::{FrameService, Framed};
-use crate::service::Context;
+use crate::service::{Context, DatagramContext, DatagramService, PeerAddr};
 
 /// Answers each line with the time and the line.
 #[derive(Clone, Copy, Debug, Default)]
@@ -40,5 +40,15 @@ impl FrameService for Stamp {
 
     fn on_frame_error(&mut self, cx: &mut Context<'_>, _: &mut (), err: &FrameError) {
         cx.write(format!("error: {err}\r\n").as_bytes());
+    }
+}
+
+/// Over datagrams: each datagram comes back as `[time] ` followed by its
+/// bytes, unchanged (so a trailing newline stays).
+impl DatagramService for Stamp {
+    fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, _from: &PeerAddr, data: &[u8]) {
+        let mut reply = format!("[{}] ", ctime(SystemTime::now(), self.zone)).into_bytes();
+        reply.extend_from_slice(data);
+        cx.reply(&reply);
     }
 }

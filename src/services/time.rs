@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use super::clock::rfc868;
 use crate::buffer::Input;
-use crate::service::{Context, Service};
+use crate::service::{Context, DatagramContext, DatagramService, PeerAddr, Service};
 
 /// Sends the time as a 32-bit big-endian count of seconds since
 /// 1900-01-01 00:00 UTC, and closes.
@@ -21,5 +21,12 @@ impl Service for Time {
 
     fn on_data(&mut self, _cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
         input.take();
+    }
+}
+
+/// Over datagrams: any datagram is answered with the 4 bytes.
+impl DatagramService for Time {
+    fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, _from: &PeerAddr, _data: &[u8]) {
+        cx.reply(&rfc868(SystemTime::now()));
     }
 }

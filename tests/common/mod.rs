@@ -28,14 +28,32 @@ pub fn local<S: Service + 'static>(server: &mut Server, service: S) -> SocketAdd
 
 /// A server running on its own thread; stopped and joined when dropped.
 pub struct TestServer {
-    pub addrs: Vec<SocketAddr>,
+    pub endpoints: Vec<Endpoint>,
     handle: Handle,
     thread: Option<JoinHandle<io::Result<Report>>>,
 }
 
 impl TestServer {
+    /// The first TCP address.
     pub fn addr(&self) -> SocketAddr {
-        self.addrs[0]
+        self.endpoints
+            .iter()
+            .find_map(|e| match e {
+                Endpoint::Tcp(a) => Some(*a),
+                _ => None,
+            })
+            .expect("no TCP endpoint")
+    }
+
+    /// The first UDP address.
+    pub fn udp(&self) -> SocketAddr {
+        self.endpoints
+            .iter()
+            .find_map(|e| match e {
+                Endpoint::Udp(a) => Some(*a),
+                _ => None,
+            })
+            .expect("no UDP endpoint")
     }
 
     pub fn handle(&self) -> Handle {
@@ -69,10 +87,10 @@ impl Drop for TestServer {
 }
 
 /// Starts a server on its own thread. `setup` builds it and binds its
-/// services through [`local`], returning the addresses.
+/// services (through [`local`] or on [`LOOPBACK`]), returning where.
 pub fn start<F>(setup: F) -> TestServer
 where
-    F: FnOnce() -> (Server, Vec<SocketAddr>) + Send + 'static,
+    F: FnOnce() -> (Server, Vec<Endpoint>) + Send + 'static,
 {
     let (tx, rx) = mpsc::channel();
     let thread = thread::Builder::new()
@@ -83,11 +101,11 @@ where
             server.run()
         })
         .expect("spawn server thread");
-    let (handle, addrs) = rx
+    let (handle, endpoints) = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("server did not start");
     TestServer {
-        addrs,
+        endpoints,
         handle,
         thread: Some(thread),
     }
@@ -98,7 +116,7 @@ pub fn start_one<S: Service + Send + 'static>(service: S) -> TestServer {
     start(move || {
         let mut server = Server::new().expect("server");
         let addr = local(&mut server, service);
-        (server, vec![addr])
+        (server, vec![addr.into()])
     })
 }
 
@@ -227,21 +245,43 @@ pub enum Engine {
     Mio,
 }
 
-/// Starts a built-in service on `engine`, on a fresh loopback port.
+/// Starts a built-in service on `engine`, on a fresh loopback TCP port.
 pub fn start_builtin(
     engine: Engine,
     service: muxserve::services::Builtin,
     opts: muxserve::services::Options,
 ) -> TestServer {
+    start_bindings(engine, vec![(service, LOOPBACK.to_string())], opts)
+}
+
+/// Starts built-in services on `engine`, each on its endpoint (use
+/// [`LOOPBACK`], `udp://127.0.0.1:0` or a path in a temporary directory).
+pub fn start_bindings(
+    engine: Engine,
+    bindings: Vec<(muxserve::services::Builtin, String)>,
+    opts: muxserve::services::Options,
+) -> TestServer {
     match engine {
         Engine::Mio => start(move || {
             let mut server = Server::new().expect("server");
-            let bound = service
-                .bind(&mut server, LOOPBACK.parse().unwrap(), opts)
-                .expect("bind");
-            (server, vec![bound.socket_addr().unwrap()])
+            let bound = bindings
+                .into_iter()
+                .map(|(service, at)| {
+                    service
+                        .bind(&mut server, at.parse().expect("endpoint"), opts)
+                        .expect("bind")
+                })
+                .collect();
+            (server, bound)
         }),
     }
+}
+
+/// A UDP client on loopback with a read timeout.
+pub fn udp_client() -> std::net::UdpSocket {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP client");
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    socket
 }
 
 /// Where test servers listen: loopback, a port the kernel picks.
