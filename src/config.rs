@@ -37,6 +37,10 @@ pub struct Limits {
     /// anything. Set it lower where memory per connection matters more than
     /// bulk throughput.
     pub send_buffer: Option<usize>,
+    /// Give up on a peer whose pending output makes no progress for this
+    /// long. Default 30 s (HAProxy's `timeout client` order); `None` is
+    /// off. The thread engine uses it as the socket's send timeout.
+    pub write_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -48,6 +52,7 @@ impl Default for Limits {
             max_output: 16 * 1024 * 1024,
             max_input: 1024 * 1024 + READ_CHUNK,
             send_buffer: None,
+            write_timeout: Some(Duration::from_secs(30)),
         }
     }
 }

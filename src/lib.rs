@@ -61,6 +61,7 @@ pub mod config;
 pub mod engine;
 pub mod framed;
 pub mod net;
+pub mod select;
 pub mod service;
 pub mod services;
 pub mod stats;
@@ -68,7 +69,7 @@ pub mod timer;
 
 pub use buffer::Input;
 pub use config::{Config, Limits};
-pub use engine::{Handle, Report, Server};
+pub use engine::{Engine, Handle, Host, Report, Server, ThreadedServer};
 pub use net::Endpoint;
 pub use service::{CloseReason, ConnId, Context, PeerAddr, Service};
 pub use stats::Stats;

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use muxserve::engine::ThreadConfig;
 use muxserve::services::{Binding, Zone};
-use muxserve::{Config, Server};
+use muxserve::{Config, Engine, Host, Server, ThreadedServer};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,9 +62,9 @@ struct BenchArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// The engine that runs the services.
-    #[arg(long, default_value = "mio", value_parser = ["mio"])]
-    engine: String,
+    /// The engine that runs the services: mio, poll, select or threads.
+    #[arg(long, default_value = "mio")]
+    engine: Engine,
     /// SERVICE@ADDRESS, e.g. echo@127.0.0.1:7007 or discard@unix:///tmp/d.sock
     bindings: Vec<Binding>,
     /// Most connections open at once (clamped to the descriptor limit).
@@ -125,22 +126,39 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.grace = g;
     }
     let bindings = if args.bindings.is_empty() {
-        Binding::defaults()
-    } else {
-        args.bindings
-    };
-    let mut server = match Server::with_config(config) {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("muxserve: cannot start the event loop: {e}");
-            return ExitCode::FAILURE;
+        let mut defaults = Binding::defaults();
+        if args.engine == Engine::Threads {
+            // One thread per connection has no datagram version.
+            defaults.retain(|b| b.endpoint.is_stream());
         }
+        defaults
+    } else {
+        args.bindings.clone()
     };
+    let opts = muxserve::services::Options {
+        zone: if args.utc { Zone::Utc } else { Zone::Local },
+    };
+    let started = match args.engine {
+        Engine::Threads => ThreadedServer::new(config, ThreadConfig::default())
+            .map(|server| serve_on(server, &bindings, opts, args.engine)),
+        engine => Server::with_engine(engine, config)
+            .map(|server| serve_on(server, &bindings, opts, engine)),
+    };
+    started.unwrap_or_else(|e| {
+        eprintln!("muxserve: cannot start the {} engine: {e}", args.engine);
+        ExitCode::FAILURE
+    })
+}
+
+/// Binds every service on `server`, says how to connect, and runs.
+fn serve_on<H: Host>(
+    mut server: H,
+    bindings: &[Binding],
+    opts: muxserve::services::Options,
+    engine: Engine,
+) -> ExitCode {
     let mut lines = Vec::new();
-    for b in &bindings {
-        let opts = muxserve::services::Options {
-            zone: if args.utc { Zone::Utc } else { Zone::Local },
-        };
+    for b in bindings {
         match b.service.bind(&mut server, b.endpoint.clone(), opts) {
             Ok(bound) => lines.push(format!(
                 "  {:<8} {:<24} {:<22} {}",
@@ -157,11 +175,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
-    println!("muxserve is serving (Ctrl-C to stop):");
+    println!("muxserve is serving on the {engine} engine (Ctrl-C to stop):");
     for line in lines {
         println!("{line}");
     }
-    log::info!("at most {} connections", server.max_connections());
     if let Err(e) = stop_on_signals(server.handle()) {
         log::warn!("cannot watch for signals, Ctrl-C will not stop gracefully: {e}");
     }

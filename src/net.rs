@@ -307,7 +307,7 @@ pub(crate) fn tcp_listener(
     addr: SocketAddr,
     backlog: i32,
     send_buffer: Option<usize>,
-) -> io::Result<mio::net::TcpListener> {
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if let Some(size) = send_buffer {
         socket.set_send_buffer_size(size)?;
@@ -320,7 +320,7 @@ pub(crate) fn tcp_listener(
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
-    Ok(mio::net::TcpListener::from_std(socket.into()))
+    Ok(socket.into())
 }
 
 /// Default mode of the socket files muxserve creates: only the owner may

@@ -63,7 +63,18 @@ impl<T: Clone> Timers<T> {
     /// Arms a timer that fires at `at`, then every `period` if given.
     pub(crate) fn insert(&mut self, at: Instant, period: Option<Duration>, payload: T) -> TimerId {
         self.next_gen = self.next_gen.wrapping_add(1);
-        let gen = self.next_gen;
+        self.insert_with_gen(at, period, payload, self.next_gen)
+    }
+
+    /// Like `insert`, with a generation from the caller: several timer sets
+    /// that draw generations from one counter give out distinct ids.
+    pub(crate) fn insert_with_gen(
+        &mut self,
+        at: Instant,
+        period: Option<Duration>,
+        payload: T,
+        gen: u32,
+    ) -> TimerId {
         let period = period.map(|p| p.max(MIN_PERIOD));
         let key = self.entries.insert(Entry {
             gen,

@@ -228,3 +228,83 @@ fn pace(received: &[AtomicUsize], sent: &[AtomicUsize; 2], window: usize) {
         "readers stopped reading"
     );
 }
+
+/// On the thread engine writes block, so a member that stops reading
+/// stalls the sender's thread, but only for one write timeout: then it is
+/// dropped, and the others get every message, in order.
+#[test]
+fn on_threads_a_member_that_never_reads_stalls_others_one_write_timeout_at_most() {
+    const MEMBERS: usize = 5;
+    const MESSAGES: usize = 400;
+    let write_timeout = Duration::from_secs(1);
+    let mut config = Config::default();
+    config.limits.write_timeout = Some(write_timeout);
+    config.limits.send_buffer = Some(64 * 1024);
+    let server = start_host_with(Engine::Threads, config, |host| {
+        let opts = muxserve::services::Options::default();
+        vec![host
+            .bind_builtin(
+                muxserve::services::Builtin::Chat,
+                LOOPBACK.parse().unwrap(),
+                opts,
+            )
+            .unwrap()]
+    });
+    let addr = server.addr();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut hog = LineClient::from_stream(socket.into());
+    hog.expect("* welcome to muxserve chat");
+    hog.expect("nickname?");
+    hog.send("hog");
+    hog.line();
+
+    let ready = Arc::new(Barrier::new(MEMBERS + 1));
+    let members: Vec<_> = (0..MEMBERS)
+        .map(|i| {
+            let ready = Arc::clone(&ready);
+            thread::spawn(move || {
+                let mut c = join(addr, &format!("t{i}"));
+                ready.wait();
+                if i == 0 {
+                    let pad = "z".repeat(500);
+                    let mut w = c.stream.try_clone().unwrap();
+                    for seq in 0..MESSAGES {
+                        w.write_all(format!("{seq} {pad}\n").as_bytes()).unwrap();
+                    }
+                    return (c, Duration::ZERO);
+                }
+                let (mut next, mut last, mut worst) =
+                    (0, std::time::Instant::now(), Duration::ZERO);
+                while next < MESSAGES {
+                    let line = c.line();
+                    if let Some(rest) = line.strip_prefix("<t0> ") {
+                        let seq: usize = rest.split(' ').next().unwrap().parse().unwrap();
+                        assert_eq!(seq, next, "t{i}");
+                        next += 1;
+                        worst = worst.max(last.elapsed());
+                        last = std::time::Instant::now();
+                    }
+                }
+                (c, worst)
+            })
+        })
+        .collect();
+    ready.wait();
+    // Keep every client open until all are done: closing one with unread
+    // input would reset it and destroy what the server had not read yet.
+    let results: Vec<_> = members
+        .into_iter()
+        .map(|m| m.join().expect("a member missed messages"))
+        .collect();
+    for (_, worst) in &results {
+        assert!(
+            *worst < write_timeout * 3,
+            "a member waited {worst:?} between messages"
+        );
+    }
+    let report = server.shutdown();
+    assert_eq!(report.stats.write_timeouts, 1, "{}", report.stats);
+    drop((hog, results));
+}

@@ -130,6 +130,48 @@ fn chat_three_members(engine: Engine) {
     alice.expect("* 2 members: alice, bob");
 }
 
+fn udp_echo_time_daytime(engine: Engine) {
+    let server = start_bindings(
+        engine,
+        vec![
+            (Builtin::Echo, "udp://127.0.0.1:0".into()),
+            (Builtin::Time, "udp://127.0.0.1:0".into()),
+            (Builtin::Daytime, "udp://127.0.0.1:0".into()),
+        ],
+        UTC,
+    );
+    let [echo, time, daytime] = [0, 1, 2].map(|i| server.endpoints[i].socket_addr().unwrap());
+    let client = udp_client();
+    let mut buf = vec![0; 70_000];
+    for size in [0, 1, 1472, 65_507] {
+        let data = pattern(size, size as u64 + 3);
+        client.send_to(&data, echo).unwrap();
+        let n = client.recv(&mut buf).unwrap();
+        assert!(buf[..n] == data[..], "{size}-byte datagram");
+    }
+    client.send_to(b"", time).unwrap();
+    assert_eq!(client.recv(&mut buf).unwrap(), 4);
+    client.send_to(b"?", daytime).unwrap();
+    let n = client.recv(&mut buf).unwrap();
+    let line = std::str::from_utf8(&buf[..n]).unwrap();
+    assert_ctime_now(line.strip_suffix("\r\n").expect("CRLF"));
+}
+
+macro_rules! on_every_loop_engine {
+    ($($module:ident => $engine:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+            #[test] fn udp_echo_time_daytime() { super::udp_echo_time_daytime($engine) }
+        }
+    )*};
+}
+
+on_every_loop_engine! {
+    mio_udp => Engine::Mio,
+    poll_udp => Engine::Poll,
+    select_udp => Engine::Select,
+}
+
 macro_rules! on_every_engine {
     ($($module:ident => $engine:expr),* $(,)?) => {$(
         mod $module {
@@ -146,4 +188,7 @@ macro_rules! on_every_engine {
 
 on_every_engine! {
     mio => Engine::Mio,
+    poll => Engine::Poll,
+    select => Engine::Select,
+    threads => Engine::Threads,
 }

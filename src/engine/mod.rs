@@ -26,15 +26,186 @@
 //! that interrupts `poll` from another thread.
 //!
 //! - [`mio`]: mio's edge-triggered epoll/kqueue; the default and the fast one.
+//! - [`select`]: the [`select`](crate::select) facade's select(2) or poll(2),
+//!   level-triggered and O(n) per wait; same loop, same behaviour.
+//!
+//! # The thread engine
+//!
+//! [`ThreadedServer`] runs the same services with one OS thread per
+//! connection and blocking std sockets: the baseline the loops are measured
+//! against.
 //!
 //! [`Context::close`]: crate::Context::close
 
 pub mod mio;
+pub mod select;
+mod threads;
 
 mod core;
 mod server;
 
-pub use self::server::{BoundAddr, Handle, Report, Server};
+pub use self::server::{BoundAddr, Buffered, Handle, Report, Server};
+pub use self::threads::{ThreadConfig, ThreadedServer};
+
+/// Which engine runs the services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The mio event loop (edge-triggered epoll/kqueue). The default.
+    Mio,
+    /// The same loop on poll(2), through the select facade.
+    Poll,
+    /// The same loop on select(2), through the select facade; descriptors
+    /// must stay below `FD_SETSIZE`, so it serves fewer connections.
+    Select,
+    /// One OS thread per connection ([`ThreadedServer`]).
+    Threads,
+}
+
+impl Engine {
+    /// Every engine.
+    pub const ALL: [Engine; 4] = [Engine::Mio, Engine::Poll, Engine::Select, Engine::Threads];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Mio => "mio",
+            Engine::Poll => "poll",
+            Engine::Select => "select",
+            Engine::Threads => "threads",
+        }
+    }
+}
+
+/// What every engine offers for binding services and running: lets code
+/// (the CLI, the built-in service table, tests) work with any engine.
+pub trait Host {
+    /// The configuration the server runs with.
+    fn config(&self) -> &crate::Config;
+
+    /// Serves a stream endpoint with `service`.
+    fn bind_stream<S>(
+        &mut self,
+        endpoint: crate::Endpoint,
+        service: S,
+        limits: crate::Limits,
+    ) -> io::Result<crate::Endpoint>
+    where
+        S: Service + Send + 'static,
+        S::Session: Send;
+
+    /// Serves a datagram endpoint with `service` (loop engines only).
+    fn bind_dgram<S>(
+        &mut self,
+        endpoint: crate::Endpoint,
+        service: S,
+    ) -> io::Result<crate::Endpoint>
+    where
+        S: crate::service::DatagramService + Send + 'static;
+
+    /// A handle that stops the server from another thread.
+    fn handle(&self) -> Handle;
+
+    /// Serves until shut down.
+    fn run(&mut self) -> io::Result<Report>;
+}
+
+impl Host for Server {
+    fn config(&self) -> &crate::Config {
+        Server::config(self)
+    }
+
+    fn bind_stream<S>(
+        &mut self,
+        endpoint: crate::Endpoint,
+        service: S,
+        limits: crate::Limits,
+    ) -> io::Result<crate::Endpoint>
+    where
+        S: Service + Send + 'static,
+        S::Session: Send,
+    {
+        self.bind_with(endpoint, service, limits)
+    }
+
+    fn bind_dgram<S>(
+        &mut self,
+        endpoint: crate::Endpoint,
+        service: S,
+    ) -> io::Result<crate::Endpoint>
+    where
+        S: crate::service::DatagramService + Send + 'static,
+    {
+        self.bind_datagram(endpoint, service)
+    }
+
+    fn handle(&self) -> Handle {
+        Server::handle(self)
+    }
+
+    fn run(&mut self) -> io::Result<Report> {
+        Server::run(self)
+    }
+}
+
+impl Host for ThreadedServer {
+    fn config(&self) -> &crate::Config {
+        ThreadedServer::config(self)
+    }
+
+    fn bind_stream<S>(
+        &mut self,
+        endpoint: crate::Endpoint,
+        service: S,
+        limits: crate::Limits,
+    ) -> io::Result<crate::Endpoint>
+    where
+        S: Service + Send + 'static,
+        S::Session: Send,
+    {
+        self.bind_with(endpoint, service, limits)
+    }
+
+    fn bind_dgram<S>(
+        &mut self,
+        endpoint: crate::Endpoint,
+        _service: S,
+    ) -> io::Result<crate::Endpoint>
+    where
+        S: crate::service::DatagramService + Send + 'static,
+    {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the threads engine serves streams only, not {endpoint}; use mio, poll or select"
+            ),
+        ))
+    }
+
+    fn handle(&self) -> Handle {
+        ThreadedServer::handle(self)
+    }
+
+    fn run(&mut self) -> io::Result<Report> {
+        ThreadedServer::run(self)
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Engine, String> {
+        Engine::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("unknown engine {s:?} (mio, poll, select or threads)"))
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
 
 use std::io;
 use std::os::fd::RawFd;

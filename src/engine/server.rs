@@ -19,12 +19,15 @@ use super::core::{
     READY, REDELIVER,
 };
 use super::mio::MioPoller;
+use super::select::FacadePoller;
+use super::Engine;
 use super::{Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT, LISTENER_BIT, WAKE_TOKEN};
 use crate::buffer::{Input, OutBuf};
 use crate::config::{
-    Config, Limits, DATAGRAMS_PER_WAKEUP, MAX_DATAGRAM, READ_CHUNK, REFLECTOR_PORTS,
+    Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, REFLECTOR_PORTS,
 };
 use crate::net::{self, DgramSocket, Endpoint, Stream, StreamListener, ToEndpoint};
+use crate::select::{Backend, FD_SETSIZE};
 use crate::service::{
     CloseMode, CloseReason, ConnId, Context, DatagramContext, DatagramDriver, DatagramService,
     PeerAddr, Service,
@@ -44,8 +47,8 @@ const FULL_LINE: &[u8] = b"error: server full, try again later\r\n";
 
 // Values of `Shared::request`.
 const RUNNING: u8 = 0;
-const SHUTDOWN: u8 = 1;
-const STOP: u8 = 2;
+pub(crate) const SHUTDOWN: u8 = 1;
+pub(crate) const STOP: u8 = 2;
 
 struct Shared {
     request: AtomicU8,
@@ -67,6 +70,20 @@ impl fmt::Debug for Handle {
 }
 
 impl Handle {
+    pub(crate) fn new(waker: Waker) -> Handle {
+        Handle {
+            shared: Arc::new(Shared {
+                request: AtomicU8::new(RUNNING),
+                waker,
+            }),
+        }
+    }
+
+    /// 0 running, 1 shutdown requested, 2 stop requested.
+    pub(crate) fn requested(&self) -> u8 {
+        self.shared.request.load(Ordering::SeqCst)
+    }
+
     /// Starts a graceful shutdown: stop accepting, let open connections
     /// finish within the grace period, then close what is left.
     pub fn shutdown(&self) {
@@ -209,7 +226,7 @@ pub struct Server {
     core: Core,
     /// The loop-wide read buffer; connections keep only leftovers.
     scratch: Box<[u8]>,
-    shared: Arc<Shared>,
+    handle: Handle,
     config: Config,
     max_conns: usize,
     state: State,
@@ -237,15 +254,34 @@ impl Server {
 
     /// A server on the mio engine.
     pub fn with_config(config: Config) -> io::Result<Server> {
-        Ok(Server::with_poller(Box::new(MioPoller::new()?), config))
+        Server::with_engine(Engine::Mio, config)
     }
 
-    pub(crate) fn with_poller(poller: Box<dyn Poller>, config: Config) -> Server {
-        let max_conns = config.effective_max_connections();
-        let shared = Arc::new(Shared {
-            request: AtomicU8::new(RUNNING),
-            waker: poller.waker(),
-        });
+    /// A server on a loop engine: `Mio`, `Poll` or `Select` (the `Threads`
+    /// engine is [`ThreadedServer`](super::ThreadedServer)).
+    pub fn with_engine(engine: Engine, config: Config) -> io::Result<Server> {
+        let poller: Box<dyn Poller> = match engine {
+            Engine::Mio => Box::new(MioPoller::new()?),
+            Engine::Poll => Box::new(FacadePoller::new(Backend::Poll)?),
+            Engine::Select => Box::new(FacadePoller::new(Backend::Select)?),
+            Engine::Threads => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the threads engine is ThreadedServer, not Server",
+                ))
+            }
+        };
+        let mut max_conns = config.effective_max_connections();
+        if engine == Engine::Select {
+            // Every descriptor must stay below FD_SETSIZE; keep room for
+            // listeners and the waker.
+            max_conns = max_conns.min(FD_SETSIZE - FD_RESERVE);
+        }
+        Ok(Server::with_poller(poller, config, max_conns))
+    }
+
+    fn with_poller(poller: Box<dyn Poller>, config: Config, max_conns: usize) -> Server {
+        let handle = Handle::new(poller.waker());
         Server {
             poller,
             events: Vec::with_capacity(1024),
@@ -255,7 +291,7 @@ impl Server {
             // One byte more than the largest datagram, to tell a datagram
             // that fits from one the kernel cut.
             scratch: vec![0; READ_CHUNK.max(MAX_DATAGRAM) + 1].into_boxed_slice(),
-            shared,
+            handle,
             config,
             max_conns,
             state: State::Running,
@@ -332,7 +368,10 @@ impl Server {
             Endpoint::Tcp(addr) => {
                 let l = net::tcp_listener(*addr, self.config.backlog, limits.send_buffer)?;
                 let local = l.local_addr()?;
-                (StreamListener::Tcp(l), Endpoint::Tcp(local))
+                (
+                    StreamListener::Tcp(mio::net::TcpListener::from_std(l)),
+                    Endpoint::Tcp(local),
+                )
             }
             Endpoint::Unix(path) => {
                 let socket = net::unix_socket(
@@ -376,9 +415,7 @@ impl Server {
 
     /// A handle that stops this server from another thread.
     pub fn handle(&self) -> Handle {
-        Handle {
-            shared: Arc::clone(&self.shared),
-        }
+        self.handle.clone()
     }
 
     /// Counters and gauges so far.
@@ -418,6 +455,7 @@ impl Server {
     /// Runs turns until the server shuts down (through a [`Handle`] or
     /// [`Context::stop_server`]), then returns what happened.
     pub fn run(&mut self) -> io::Result<Report> {
+        log::info!("at most {} connections", self.max_conns);
         while !self.is_finished() {
             self.run_once(None)?;
         }
@@ -929,7 +967,7 @@ impl Server {
     // ---- shutting down ------------------------------------------------
 
     fn check_requests(&mut self) {
-        let mut request = self.shared.request.load(Ordering::SeqCst);
+        let mut request = self.handle.requested();
         if self.core.stop_requested {
             request = request.max(SHUTDOWN);
         }

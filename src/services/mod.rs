@@ -20,7 +20,7 @@ use std::fmt;
 use std::io;
 use std::str::FromStr;
 
-use crate::engine::Server;
+use crate::engine::Host;
 use crate::net::Endpoint;
 
 /// A built-in service, by the name used in `SERVICE@ADDR`.
@@ -83,9 +83,9 @@ impl Builtin {
     }
 
     /// Binds this service on `endpoint` of `server`.
-    pub fn bind(
+    pub fn bind<H: Host>(
         self,
-        server: &mut Server,
+        server: &mut H,
         endpoint: Endpoint,
         opts: Options,
     ) -> io::Result<Endpoint> {
@@ -93,11 +93,11 @@ impl Builtin {
         // datagram version.
         if !endpoint.is_stream() {
             return match self {
-                Builtin::Echo => server.bind_datagram(endpoint, Echo),
-                Builtin::Discard => server.bind_datagram(endpoint, Discard),
-                Builtin::Daytime => server.bind_datagram(endpoint, Daytime { zone: opts.zone }),
-                Builtin::Time => server.bind_datagram(endpoint, Time),
-                Builtin::Stamp => server.bind_datagram(endpoint, Stamp { zone: opts.zone }),
+                Builtin::Echo => server.bind_dgram(endpoint, Echo),
+                Builtin::Discard => server.bind_dgram(endpoint, Discard),
+                Builtin::Daytime => server.bind_dgram(endpoint, Daytime { zone: opts.zone }),
+                Builtin::Time => server.bind_dgram(endpoint, Time),
+                Builtin::Stamp => server.bind_dgram(endpoint, Stamp { zone: opts.zone }),
                 Builtin::Chat => Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "chat needs a stream (tcp:// or unix://), not datagrams",
@@ -106,12 +106,12 @@ impl Builtin {
         }
         let limits = server.config().limits.clone();
         match self {
-            Builtin::Echo => server.bind_with(endpoint, Echo, limits),
-            Builtin::Discard => server.bind_with(endpoint, Discard, limits),
-            Builtin::Daytime => server.bind_with(endpoint, Daytime { zone: opts.zone }, limits),
-            Builtin::Time => server.bind_with(endpoint, Time, limits),
-            Builtin::Stamp => server.bind_with(endpoint, Stamp::service(opts.zone), limits),
-            Builtin::Chat => server.bind_with(endpoint, Chat::new().service(), limits),
+            Builtin::Echo => server.bind_stream(endpoint, Echo, limits),
+            Builtin::Discard => server.bind_stream(endpoint, Discard, limits),
+            Builtin::Daytime => server.bind_stream(endpoint, Daytime { zone: opts.zone }, limits),
+            Builtin::Time => server.bind_stream(endpoint, Time, limits),
+            Builtin::Stamp => server.bind_stream(endpoint, Stamp::service(opts.zone), limits),
+            Builtin::Chat => server.bind_stream(endpoint, Chat::new().service(), limits),
         }
     }
 

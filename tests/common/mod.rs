@@ -239,11 +239,7 @@ impl LineClient {
     }
 }
 
-/// The engines the conformance suite runs every scenario on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    Mio,
-}
+pub use muxserve::Engine;
 
 /// Starts a built-in service on `engine`, on a fresh loopback TCP port.
 pub fn start_builtin(
@@ -261,19 +257,87 @@ pub fn start_bindings(
     bindings: Vec<(muxserve::services::Builtin, String)>,
     opts: muxserve::services::Options,
 ) -> TestServer {
-    match engine {
-        Engine::Mio => start(move || {
-            let mut server = Server::new().expect("server");
-            let bound = bindings
-                .into_iter()
-                .map(|(service, at)| {
-                    service
-                        .bind(&mut server, at.parse().expect("endpoint"), opts)
-                        .expect("bind")
-                })
-                .collect();
-            (server, bound)
-        }),
+    start_host(engine, move |host| {
+        bindings
+            .into_iter()
+            .map(|(service, at)| {
+                host.bind_builtin(service, at.parse().expect("endpoint"), opts)
+                    .expect("bind")
+            })
+            .collect()
+    })
+}
+
+/// Starts a server of `engine` with the default configuration; `bind`
+/// binds its services on any engine through the `Host` trait.
+pub fn start_host<F>(engine: Engine, bind: F) -> TestServer
+where
+    F: FnOnce(&mut dyn HostBind) -> Vec<Endpoint> + Send + 'static,
+{
+    start_host_with(engine, muxserve::Config::default(), bind)
+}
+
+/// Like [`start_host`], with a configuration.
+pub fn start_host_with<F>(engine: Engine, config: muxserve::Config, bind: F) -> TestServer
+where
+    F: FnOnce(&mut dyn HostBind) -> Vec<Endpoint> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let thread = thread::Builder::new()
+        .name(format!("{engine} server"))
+        .spawn(move || {
+            fn go<H: muxserve::Host + HostBind>(
+                mut host: H,
+                bind: impl FnOnce(&mut dyn HostBind) -> Vec<Endpoint>,
+                tx: mpsc::Sender<(Handle, Vec<Endpoint>)>,
+            ) -> io::Result<Report> {
+                let endpoints = bind(&mut host);
+                tx.send((host.handle(), endpoints)).expect("test gone");
+                host.run()
+            }
+            match engine {
+                Engine::Threads => go(
+                    muxserve::ThreadedServer::new(config, Default::default()).expect("server"),
+                    bind,
+                    tx,
+                ),
+                loop_engine => go(
+                    Server::with_engine(loop_engine, config).expect("server"),
+                    bind,
+                    tx,
+                ),
+            }
+        })
+        .expect("spawn server thread");
+    let (handle, endpoints) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("server did not start");
+    TestServer {
+        endpoints,
+        handle,
+        thread: Some(thread),
+    }
+}
+
+/// Object-safe binding of the built-in services, so tests can bind on an
+/// engine chosen at run time.
+pub trait HostBind {
+    fn bind_builtin(
+        &mut self,
+        service: muxserve::services::Builtin,
+        at: Endpoint,
+        opts: muxserve::services::Options,
+    ) -> io::Result<Endpoint>;
+}
+
+impl<H: muxserve::Host> HostBind for H {
+    fn bind_builtin(
+        &mut self,
+        service: muxserve::services::Builtin,
+        at: Endpoint,
+        opts: muxserve::services::Options,
+    ) -> io::Result<Endpoint> {
+        service.bind(self, at, opts)
     }
 }
 
