@@ -79,6 +79,12 @@ pub trait Decoder {
     /// `Ok(None)`: not yet, come back with more bytes (and the same ones
     /// first). `Err`: the stream is corrupt and the connection should end.
     fn decode<'a>(&mut self, buf: &'a [u8]) -> Result<Option<Decoded<'a>>, FrameError>;
+
+    /// True while the decoder is dropping an over-long message: a message
+    /// is in progress even though no bytes of it are kept.
+    fn is_skipping(&self) -> bool {
+        false
+    }
 }
 
 /// Frames messages for the wire.
@@ -190,6 +196,10 @@ impl Delimited {
 }
 
 impl Decoder for Delimited {
+    fn is_skipping(&self) -> bool {
+        self.skipping
+    }
+
     fn decode<'a>(&mut self, buf: &'a [u8]) -> Result<Option<Decoded<'a>>, FrameError> {
         if self.skipping {
             if buf.is_empty() {

@@ -13,6 +13,13 @@ pub struct Limits {
     /// Default 300 s (nginx's keepalive order of magnitude); `None` is off.
     /// Services can change it per connection (chat members turn it off).
     pub idle_timeout: Option<Duration>,
+    /// Close a connection whose message (line, frame) was started and not
+    /// finished this long after its first byte: the defence against the
+    /// slow-loris client that sends a byte a second, which an idle timeout
+    /// never sees. Applies to services behind [`Framed`](crate::framed::Framed).
+    /// Default 10 s (nginx's `client_header_timeout` is 60 s; messages here
+    /// are small); `None` is off.
+    pub frame_timeout: Option<Duration>,
     /// Stop reading a connection whose pending output passes this, so a peer
     /// that sends without reading cannot make the server buffer without
     /// bound. Default 64 KiB (Twisted's and asyncio's high-water mark).
@@ -47,6 +54,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             idle_timeout: Some(Duration::from_secs(300)),
+            frame_timeout: Some(Duration::from_secs(10)),
             output_high_water: 64 * 1024,
             output_low_water: 16 * 1024,
             max_output: 16 * 1024 * 1024,
@@ -77,6 +85,19 @@ pub const DATAGRAMS_PER_WAKEUP: usize = 64;
 /// is dropped and counted instead of answered.
 pub const REFLECTOR_PORTS: [u16; 4] = [7, 13, 19, 37];
 
+/// What a panic in a service callback does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PanicPolicy {
+    /// Close the connection the callback was about (a service or shutdown
+    /// callback has none), count and log it, keep serving. The default: a
+    /// bug triggered by one client costs that client only.
+    #[default]
+    CloseConnection,
+    /// Also start a graceful shutdown, for services whose shared state
+    /// cannot be trusted after a panic.
+    Shutdown,
+}
+
 /// Server-wide settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -105,12 +126,21 @@ pub struct Config {
     /// Set `TCP_NODELAY` on accepted TCP connections, so small replies leave
     /// at once instead of waiting for an ACK. Default true.
     pub nodelay: bool,
+    /// What a panicking service callback does. Default: close that
+    /// connection only.
+    pub on_panic: PanicPolicy,
+    /// Descriptors kept free when `max_connections` is clamped to
+    /// `RLIMIT_NOFILE`, for listeners, logs and the poller. Default
+    /// [`FD_RESERVE`].
+    pub fd_reserve: usize,
+    /// Log the counters this often (`None`: only at shutdown).
+    pub stats_interval: Option<Duration>,
     /// Limits for listeners that do not bring their own.
     pub limits: Limits,
 }
 
-/// Descriptors kept free for listeners, log files and accept-error
-/// handling when `max_connections` is clamped to `RLIMIT_NOFILE`.
+/// Default descriptors kept free for listeners, log files and the poller
+/// when `max_connections` is clamped to `RLIMIT_NOFILE` (Redis keeps 32).
 pub const FD_RESERVE: usize = 32;
 
 impl Default for Config {
@@ -123,6 +153,9 @@ impl Default for Config {
             grace: Duration::from_secs(5),
             linger: Duration::from_secs(2),
             nodelay: true,
+            on_panic: PanicPolicy::default(),
+            fd_reserve: FD_RESERVE,
+            stats_interval: None,
             limits: Limits::default(),
         }
     }
@@ -132,7 +165,9 @@ impl Config {
     /// `max_connections` clamped to what the descriptor limit allows.
     pub fn effective_max_connections(&self) -> usize {
         match fd_limit() {
-            Some(limit) => self.max_connections.min(limit.saturating_sub(FD_RESERVE)),
+            Some(limit) => self
+                .max_connections
+                .min(limit.saturating_sub(self.fd_reserve)),
             None => self.max_connections,
         }
     }

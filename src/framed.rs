@@ -21,8 +21,6 @@
 //! # let _ = service;
 //! ```
 
-use std::time::Duration;
-
 use crate::buffer::Input;
 use crate::codec::{Decoded, Decoder, FrameError};
 use crate::service::{CloseReason, Context, Service};
@@ -83,29 +81,20 @@ pub trait FrameService {
 }
 
 /// A [`FrameService`] behind a codec, usable wherever a [`Service`] is.
+///
+/// A connection that starts a message and does not finish it within its
+/// listener's [`frame_timeout`](crate::Limits::frame_timeout) is closed: one
+/// byte a second is not idle, so only this catches the slow-loris client.
 #[derive(Debug, Clone)]
 pub struct Framed<C, S> {
     codec: C,
     service: S,
-    frame_timeout: Option<Duration>,
 }
 
 impl<C, S> Framed<C, S> {
     /// Frames `service`'s input with a copy of `codec` per connection.
     pub fn new(codec: C, service: S) -> Framed<C, S> {
-        Framed {
-            codec,
-            service,
-            frame_timeout: None,
-        }
-    }
-
-    /// Closes a connection that starts a message and does not finish it
-    /// within `timeout` (the slow-loris defence an idle timer cannot give:
-    /// one byte a second is not idle). Off by default.
-    pub fn frame_timeout(mut self, timeout: Option<Duration>) -> Framed<C, S> {
-        self.frame_timeout = timeout;
-        self
+        Framed { codec, service }
     }
 
     /// The wrapped service.
@@ -141,11 +130,14 @@ where
     fn on_data(&mut self, cx: &mut Context<'_>, s: &mut Self::Session, input: &mut Input<'_>) {
         // Stop early if the service closed the connection or paused
         // reading: what is left stays in `input` for later (or for no one).
+        let mut completed = false;
         while !cx.is_closing() && !cx.is_paused() {
             match s.decoder.decode(input.bytes()) {
                 Ok(None) => break,
                 Ok(Some(Decoded::Frame { frame, consumed })) => {
                     input.consume(consumed);
+                    completed = true;
+                    cx.frame_in();
                     self.service.on_frame(cx, &mut s.inner, frame);
                 }
                 Ok(Some(Decoded::Skipped { consumed, error })) => {
@@ -163,15 +155,18 @@ where
                 }
             }
         }
-        if let Some(timeout) = self.frame_timeout {
-            let partial = !input.is_empty();
-            match (partial, s.frame_timer) {
-                (true, None) => s.frame_timer = Some(cx.set_timer(timeout)),
-                (false, Some(t)) => {
+        if let Some(timeout) = cx.frame_timeout() {
+            // The clock runs from the first byte of the message now in
+            // progress: restart it when one finished, stop it when none is
+            // in progress.
+            let in_progress = !input.is_empty() || s.decoder.is_skipping();
+            if !in_progress || completed {
+                if let Some(t) = s.frame_timer.take() {
                     cx.cancel_timer(t);
-                    s.frame_timer = None;
                 }
-                _ => {}
+            }
+            if in_progress && s.frame_timer.is_none() {
+                s.frame_timer = Some(cx.set_timer(timeout));
             }
         }
     }

@@ -76,6 +76,17 @@ struct ServeArgs {
     /// Daytime and stamp tell UTC instead of local time.
     #[arg(long)]
     utc: bool,
+    /// Close connections that leave a line or frame unfinished this long
+    /// (seconds; 0 = never).
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    frame_timeout: Option<Duration>,
+    /// Drop connections whose output makes no progress this long (seconds;
+    /// 0 = never).
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    write_timeout: Option<Duration>,
+    /// Log the counters this often (seconds).
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    stats_interval: Option<Duration>,
     /// On Ctrl-C, let open connections finish for this long (seconds).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     grace: Option<Duration>,
@@ -121,6 +132,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(t) = args.idle_timeout {
         config.limits.idle_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(t) = args.frame_timeout {
+        config.limits.frame_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(t) = args.write_timeout {
+        config.limits.write_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(t) = args.stats_interval {
+        config.stats_interval = (!t.is_zero()).then_some(t);
     }
     if let Some(g) = args.grace {
         config.grace = g;

@@ -240,6 +240,10 @@ pub(crate) trait Driver {
     fn state(&self, id: ConnId) -> Option<(bool, bool)>;
     /// Counts a protocol error.
     fn protocol_error(&mut self);
+    /// Counts a message received whole.
+    fn frame_in(&mut self);
+    /// The frame timeout of a connection's listener.
+    fn frame_timeout(&self, id: ConnId) -> Option<Duration>;
     /// Bytes queued for a connection and not yet accepted by the kernel.
     fn output_len(&self, id: ConnId) -> Option<usize>;
     /// The peer of a connection.
@@ -374,6 +378,15 @@ impl<'a> Context<'a> {
     /// stats.
     pub fn protocol_error(&mut self) {
         self.driver.protocol_error();
+    }
+
+    pub(crate) fn frame_in(&mut self) {
+        self.driver.frame_in();
+    }
+
+    /// The frame timeout of the current connection's listener.
+    pub(crate) fn frame_timeout(&self) -> Option<Duration> {
+        self.driver.frame_timeout(self.id)
     }
 
     /// Bytes queued for the current connection that the kernel has not taken

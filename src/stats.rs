@@ -42,6 +42,12 @@ stats! {
     accept_pauses,
     /// Failed `accept` calls, all kinds.
     accept_errors,
+    /// Of those: out of descriptors (EMFILE, ENFILE).
+    accept_no_fds,
+    /// Of those: out of kernel memory (ENOBUFS, ENOMEM).
+    accept_no_memory,
+    /// Of those: the connection died in the queue (ECONNABORTED, EPERM, EPROTO).
+    accept_aborted,
     /// Connections closed, all reasons.
     closed,
     /// Connections closed by the idle timeout.
@@ -66,6 +72,8 @@ stats! {
     bytes_in,
     /// Bytes written to streams and datagrams.
     bytes_out,
+    /// Messages received whole by framed services.
+    frames_in,
     /// Datagrams received.
     datagrams_in,
     /// Datagrams sent.

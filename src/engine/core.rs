@@ -10,7 +10,7 @@ use slab::Slab;
 
 use super::{Interest, Poller, GEN_MASK};
 use crate::buffer::OutBuf;
-use crate::config::Limits;
+use crate::config::{Limits, PanicPolicy};
 use crate::net::Stream;
 use crate::service::{CloseMode, CloseReason, ConnId, Driver, PeerAddr};
 use crate::stats::Stats;
@@ -42,6 +42,11 @@ pub(super) const CONNECTED: u16 = 1 << 9;
 pub(super) const REDELIVER: u16 = 1 << 10;
 /// A close is waiting for output to drain, and its deadline is armed.
 pub(super) const CLOSE_DEADLINE: u16 = 1 << 11;
+/// The write budget stopped a flush with the socket maybe still writable:
+/// on the still-ready list to go on next turn.
+pub(super) const WRITE_AGAIN: u16 = 1 << 12;
+/// The write-stall timer is armed.
+pub(super) const STALL_ARMED: u16 = 1 << 13;
 
 /// One connection. Kept small: an idle connection is this struct, one
 /// session and nothing on the heap.
@@ -58,7 +63,10 @@ pub(super) struct Conn {
     /// Bytes the kernel has not taken yet, else empty and unallocated.
     pub output: OutBuf,
     pub peer: PeerAddr,
-    pub last_active: Instant,
+    /// When bytes last came in / went out, in [`Core::tick`]s: 4 bytes each
+    /// instead of a 16-byte `Instant`.
+    pub last_read: u32,
+    pub last_write: u32,
     pub idle: Option<TimerId>,
 }
 
@@ -85,10 +93,16 @@ pub(super) enum TimerKind {
         conn: ConnId,
         after: Duration,
     },
+    WriteStall {
+        conn: ConnId,
+        after: Duration,
+    },
     Linger {
         conn: ConnId,
     },
     AcceptRetry,
+    /// Log the counters.
+    Stats,
 }
 
 pub(super) fn token(id: ConnId) -> usize {
@@ -119,7 +133,17 @@ pub(super) struct Core {
     pub stop_requested: bool,
     /// Limits per service index.
     pub limits: Vec<Limits>,
+    pub on_panic: PanicPolicy,
+    /// Bytes one connection may write per turn (see [`WRITE_BUDGET`]).
+    pub write_budget: usize,
+    /// The zero of `tick`.
+    epoch: Instant,
 }
+
+/// Bytes written to one connection per turn before the others get theirs:
+/// a peer that reads as fast as loopback allows cannot make the loop spend
+/// a whole turn copying megabytes for it alone.
+pub(super) const WRITE_BUDGET: usize = 256 * 1024;
 
 /// The staging buffer is loop-wide; after a huge write it is shrunk back
 /// so one burst does not pin memory for ever.
@@ -140,6 +164,9 @@ impl Core {
             now: Instant::now(),
             stop_requested: false,
             limits: Vec::new(),
+            on_panic: PanicPolicy::default(),
+            write_budget: WRITE_BUDGET,
+            epoch: Instant::now(),
         }
     }
 
@@ -156,13 +183,30 @@ impl Core {
         lookup(&mut self.conns, id)
     }
 
-    pub fn mark_ready(&mut self, id: ConnId) {
+    /// Milliseconds since the server started, wrapping after 49 days.
+    pub fn tick(&self, t: Instant) -> u32 {
+        t.saturating_duration_since(self.epoch).as_millis() as u32
+    }
+
+    /// How long ago `tick` was, as of this turn.
+    pub fn since(&self, tick: u32) -> Duration {
+        Duration::from_millis(u64::from(self.tick(self.now).wrapping_sub(tick)))
+    }
+
+    /// Puts a connection on the still-ready list to read (`READY`) or to
+    /// go on writing (`WRITE_AGAIN`) next turn.
+    pub fn mark(&mut self, id: ConnId, flag: u16) {
         if let Some(c) = lookup(&mut self.conns, id) {
-            if !c.has(READY) {
-                c.flags |= READY;
+            let queued = c.has(READY | WRITE_AGAIN);
+            c.flags |= flag;
+            if !queued {
                 self.ready.push(token(id));
             }
         }
+    }
+
+    pub fn mark_ready(&mut self, id: ConnId) {
+        self.mark(id, READY);
     }
 
     /// Asks for a close at the end of the turn. An abort overrides an
@@ -185,6 +229,20 @@ impl Core {
         }
     }
 
+    /// A callback about `id` (or about no connection, `NONE`) panicked:
+    /// count and log it, drop what it wrote, and close that connection.
+    pub fn panicked(&mut self, id: ConnId, message: &str) {
+        self.stats.panics += 1;
+        self.staging.clear();
+        log::error!("a service callback for {id} panicked: {message}");
+        if id != ConnId::NONE {
+            self.request_close(id, CloseMode::Abort, CloseReason::Panic);
+        }
+        if self.on_panic == PanicPolicy::Shutdown {
+            self.stop_requested = true;
+        }
+    }
+
     pub fn fail(&mut self, id: ConnId, err: &io::Error) {
         log::debug!("{id}: {err}");
         self.request_close(id, CloseMode::Abort, CloseReason::Error(err.kind()));
@@ -201,12 +259,16 @@ impl Core {
             return;
         }
         let mut staged = mem::take(&mut self.staging);
+        let now = self.tick(self.now);
+        let mut more = false;
         if let Some(c) = lookup(&mut self.conns, id) {
             if c.output.is_empty() {
-                match write_some(&c.stream, &staged, &mut self.stats) {
+                let chunk = &staged[..staged.len().min(self.write_budget)];
+                match write_some(&c.stream, chunk, &mut self.stats) {
                     Ok(n) => {
                         c.output.extend(&staged[n..]);
-                        c.last_active = self.now;
+                        c.last_write = now;
+                        more = n == chunk.len() && n < staged.len();
                     }
                     Err(e) => self.fail(id, &e),
                 }
@@ -215,6 +277,9 @@ impl Core {
                 c.output.extend(&staged);
             }
             self.after_write(id, poller);
+        }
+        if more {
+            self.mark(id, WRITE_AGAIN);
         }
         staged.clear();
         if staged.capacity() > STAGING_KEEP {
@@ -225,22 +290,32 @@ impl Core {
 
     /// Writes pending output until it is gone or the kernel is full.
     pub fn flush(&mut self, id: ConnId, poller: &mut dyn Poller) {
+        let now = self.tick(self.now);
         let Some(c) = lookup(&mut self.conns, id) else {
             return;
         };
         if c.output.is_empty() || c.has(ABORT | LINGER) {
             return;
         }
-        match write_some(&c.stream, c.output.as_slice(), &mut self.stats) {
+        let pending = c.output.as_slice();
+        let chunk = &pending[..pending.len().min(self.write_budget)];
+        let more = match write_some(&c.stream, chunk, &mut self.stats) {
             Ok(n) => {
+                let more = n == chunk.len() && n < pending.len();
                 if n > 0 {
-                    c.last_active = self.now;
+                    c.last_write = now;
                 }
                 c.output.advance(n);
+                more
             }
             Err(e) => return self.fail(id, &e),
-        }
+        };
         self.after_write(id, poller);
+        if more {
+            // The budget, not the kernel, stopped us: the socket may still
+            // be writable, and no new edge will say so.
+            self.mark(id, WRITE_AGAIN);
+        }
     }
 
     /// Brings interest, backpressure and pending closes in line with how
@@ -256,6 +331,14 @@ impl Core {
         let pending = c.output.len();
         if pending > limits.max_output {
             return self.request_close(id, CloseMode::Abort, CloseReason::OutputLimit);
+        }
+        if let (true, false, Some(after)) = (pending > 0, c.has(STALL_ARMED), limits.write_timeout)
+        {
+            // Output is waiting: it must make progress within `after`.
+            c.flags |= STALL_ARMED;
+            let at = self.now + after;
+            self.timers
+                .insert(at, None, TimerKind::WriteStall { conn: id, after });
         }
         // Ask for WRITABLE only while bytes remain: an always-writable socket
         // would otherwise wake the loop on every turn.
@@ -425,6 +508,15 @@ impl Driver for Core {
 
     fn protocol_error(&mut self) {
         self.stats.protocol_errors += 1;
+    }
+
+    fn frame_in(&mut self) {
+        self.stats.frames_in += 1;
+    }
+
+    fn frame_timeout(&self, id: ConnId) -> Option<Duration> {
+        let c = self.get(id)?;
+        self.limits[c.service as usize].frame_timeout
     }
 
     fn output_len(&self, id: ConnId) -> Option<usize> {

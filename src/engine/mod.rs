@@ -262,6 +262,21 @@ pub(crate) const WAKE_TOKEN: usize = usize::MAX;
 /// Generations wrap at 2^30 so that they never reach the socket bits.
 pub(crate) const GEN_MASK: u32 = (1 << 30) - 1;
 
+/// An admission hook: `true` serves the peer, `false` closes it at once.
+pub type Admission = Arc<dyn Fn(&crate::PeerAddr) -> bool + Send + Sync>;
+
+/// Runs a service callback and contains a panic in it, returning the panic
+/// message. A panicking callback must cost one connection, not the server.
+pub(crate) fn contain(f: impl FnOnce()) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string())
+    })
+}
+
 /// A [`Service`] with its sessions, behind an object-safe interface so that
 /// one loop can host services of different types. Sessions live in a slab
 /// indexed by a key stored in the connection: one index per event, no hash.

@@ -16,12 +16,15 @@ use std::time::{Duration, Instant};
 
 use super::core::{
     conn_id, token, Conn, Core, TimerKind, ABORT, CLOSE_DEADLINE, CLOSING, CONNECTED, EOF, LINGER,
-    READY, REDELIVER,
+    READY, REDELIVER, STALL_ARMED, WRITE_AGAIN,
 };
 use super::mio::MioPoller;
 use super::select::FacadePoller;
 use super::Engine;
-use super::{Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT, LISTENER_BIT, WAKE_TOKEN};
+use super::{
+    contain, Admission, Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT, LISTENER_BIT,
+    WAKE_TOKEN,
+};
 use crate::buffer::{Input, OutBuf};
 use crate::config::{
     Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, REFLECTOR_PORTS,
@@ -233,6 +236,7 @@ pub struct Server {
     report: Report,
     accept_retry_armed: bool,
     last_accept_log: Option<Instant>,
+    admission: Option<Admission>,
 }
 
 impl fmt::Debug for Server {
@@ -275,19 +279,25 @@ impl Server {
         if engine == Engine::Select {
             // Every descriptor must stay below FD_SETSIZE; keep room for
             // listeners and the waker.
-            max_conns = max_conns.min(FD_SETSIZE - FD_RESERVE);
+            max_conns = max_conns.min(FD_SETSIZE - config.fd_reserve.max(FD_RESERVE));
         }
         Ok(Server::with_poller(poller, config, max_conns))
     }
 
     fn with_poller(poller: Box<dyn Poller>, config: Config, max_conns: usize) -> Server {
         let handle = Handle::new(poller.waker());
+        let mut core = Core::new();
+        core.on_panic = config.on_panic;
+        if let Some(every) = config.stats_interval {
+            let at = core.now + every;
+            core.timers.insert(at, Some(every), TimerKind::Stats);
+        }
         Server {
             poller,
             events: Vec::with_capacity(1024),
             services: Vec::new(),
             dgrams: Vec::new(),
-            core: Core::new(),
+            core,
             // One byte more than the largest datagram, to tell a datagram
             // that fits from one the kernel cut.
             scratch: vec![0; READ_CHUNK.max(MAX_DATAGRAM) + 1].into_boxed_slice(),
@@ -298,6 +308,7 @@ impl Server {
             report: Report::default(),
             accept_retry_armed: false,
             last_accept_log: None,
+            admission: None,
         }
     }
 
@@ -406,6 +417,13 @@ impl Server {
         });
         self.core.limits.push(limits);
         Ok(bound)
+    }
+
+    /// Decides, for each accepted connection, whether to serve it (like
+    /// Python's `socketserver.verify_request`). A refused peer is closed at
+    /// once and counted in `rejected_admission`.
+    pub fn set_admission(&mut self, admit: impl Fn(&PeerAddr) -> bool + Send + Sync + 'static) {
+        self.admission = Some(Arc::new(admit));
     }
 
     /// The configuration this server runs with.
@@ -553,11 +571,17 @@ impl Server {
             } else {
                 let id = conn_id(t);
                 if let Some(c) = self.core.get_mut(id) {
-                    c.flags &= !READY;
-                    // No fresh event vouches for a short read here (input
-                    // or a FIN may have come while we were not reading):
-                    // drain to WouldBlock.
-                    self.read(id, true);
+                    let flags = c.flags;
+                    c.flags &= !(READY | WRITE_AGAIN);
+                    if flags & WRITE_AGAIN != 0 {
+                        self.core.flush(id, &mut *self.poller);
+                    }
+                    if flags & READY != 0 {
+                        // No fresh event vouches for a short read here
+                        // (input or a FIN may have come while we were not
+                        // reading): drain to WouldBlock.
+                        self.read(id, true);
+                    }
                 }
             }
         }
@@ -613,11 +637,19 @@ impl Server {
         match e.raw_os_error() {
             // That one connection died in the queue (or a firewall refused
             // it); the ones behind it are fine.
-            Some(libc::ECONNABORTED | libc::EPERM | libc::EPROTO) => true,
+            Some(libc::ECONNABORTED | libc::EPERM | libc::EPROTO) => {
+                self.core.stats.accept_aborted += 1;
+                true
+            }
             // Out of descriptors or memory. Stop accepting rather than spin
             // on an edge that stays set; retry when a connection closes or
             // after ACCEPT_RETRY. Queued clients wait in the backlog.
-            _ => {
+            kind => {
+                match kind {
+                    Some(libc::EMFILE | libc::ENFILE) => self.core.stats.accept_no_fds += 1,
+                    Some(libc::ENOBUFS | libc::ENOMEM) => self.core.stats.accept_no_memory += 1,
+                    _ => {}
+                }
                 self.services[s].paused = true;
                 self.core.stats.accept_pauses += 1;
                 if !self.accept_retry_armed {
@@ -647,7 +679,15 @@ impl Server {
             let _ = stream.send(FULL_LINE);
             return;
         }
+        if let Some(admit) = &self.admission {
+            if !admit(&peer) {
+                // Like socketserver's verify_request: close without a word.
+                core.stats.rejected_admission += 1;
+                return;
+            }
+        }
         let gen = core.next_gen();
+        let tick = core.tick(core.now);
         let entry = core.conns.vacant_entry();
         let id = ConnId::new(entry.key(), gen);
         if let Err(e) = self.poller.register(stream.fd(), token(id), Interest::Read) {
@@ -664,7 +704,8 @@ impl Server {
             input: Vec::new(),
             output: OutBuf::new(),
             peer,
-            last_active: core.now,
+            last_read: tick,
+            last_write: tick,
             idle: None,
         });
         let idle = core.limits[s].idle_timeout;
@@ -674,13 +715,19 @@ impl Server {
         core.stats.peak = core.stats.peak.max(core.stats.active);
 
         core.current = id;
-        let key = self.services[s]
-            .handler
-            .connect(&mut Context::new(core, id, s));
+        let handler = &mut self.services[s].handler;
+        let mut key = 0;
+        let outcome = contain(|| key = handler.connect(&mut Context::new(core, id, s)));
         core.current = ConnId::NONE;
-        if let Some(c) = core.get_mut(id) {
-            c.session = key as u32;
-            c.flags |= CONNECTED;
+        match outcome {
+            Ok(()) => {
+                if let Some(c) = core.get_mut(id) {
+                    c.session = key as u32;
+                    c.flags |= CONNECTED;
+                }
+            }
+            // No session was made, so `on_close` will not be called.
+            Err(message) => core.panicked(id, &message),
         }
         core.commit(id, &mut *self.poller);
     }
@@ -708,7 +755,7 @@ impl Server {
             ..
         } = self;
         let poller = &mut **poller;
-        let now = core.now;
+        let core_tick = core.tick(core.now);
         for _ in 0..config.reads_per_wakeup {
             let Some(c) = core.get_mut(id) else {
                 return;
@@ -735,7 +782,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return core.fail(id, &e),
             };
-            c.last_active = now;
+            c.last_read = core_tick;
             core.stats.bytes_in += n as u64;
             deliver(core, services, poller, id, &scratch[..n]);
             if n < scratch.len() && !drain {
@@ -792,11 +839,13 @@ impl Server {
                 now: core.now,
                 stop: &mut core.stop_requested,
             };
-            bound.handler.on_datagram(
-                &mut DatagramContext::new(&mut io, &from),
-                &from,
-                &scratch[..n],
-            );
+            let handler = &mut bound.handler;
+            let data = &scratch[..n];
+            if let Err(message) = contain(|| {
+                handler.on_datagram(&mut DatagramContext::new(&mut io, &from), &from, data)
+            }) {
+                core.panicked(ConnId::NONE, &message);
+            }
         }
         // Budget spent: others get a turn, then we come back.
         if !bound.ready {
@@ -814,9 +863,13 @@ impl Server {
                 TimerKind::User { service, conn } if conn == ConnId::NONE => {
                     let core = &mut self.core;
                     let s = service as usize;
-                    self.services[s]
-                        .handler
-                        .service_timer(&mut Context::new(core, ConnId::NONE, s), timer);
+                    let handler = &mut self.services[s].handler;
+                    let outcome = contain(|| {
+                        handler.service_timer(&mut Context::new(core, ConnId::NONE, s), timer)
+                    });
+                    if let Err(message) = outcome {
+                        core.panicked(ConnId::NONE, &message);
+                    }
                 }
                 TimerKind::User { conn, .. } => {
                     let alive = self
@@ -846,15 +899,43 @@ impl Server {
                         continue;
                     }
                     c.idle = None;
-                    let since = c.last_active;
-                    if now.duration_since(since) >= after {
+                    let (last_read, last_write) = (c.last_read, c.last_write);
+                    let quiet = self.core.since(last_read).min(self.core.since(last_write));
+                    if quiet >= after {
                         self.core
                             .request_close(conn, CloseMode::Flush, CloseReason::IdleTimeout);
                     } else {
                         // There was traffic: sleep until the new deadline.
-                        self.core.arm_idle(conn, Some(after), since);
+                        self.core.arm_idle(conn, Some(after), now - quiet);
                     }
                 }
+                TimerKind::WriteStall { conn, after } => {
+                    let Some(c) = self.core.get(conn) else {
+                        continue;
+                    };
+                    let (pending, flags, last_write) =
+                        (!c.output.is_empty(), c.flags, c.last_write);
+                    let stalled = self.core.since(last_write);
+                    let Some(c) = self.core.get_mut(conn) else {
+                        continue;
+                    };
+                    c.flags &= !STALL_ARMED;
+                    if !pending || flags & (ABORT | LINGER) != 0 {
+                        continue;
+                    }
+                    if stalled >= after {
+                        self.core
+                            .request_close(conn, CloseMode::Abort, CloseReason::WriteTimeout);
+                    } else {
+                        // Progress was made: check again `after` past it.
+                        c.flags |= STALL_ARMED;
+                        let at = now + (after - stalled);
+                        self.core
+                            .timers
+                            .insert(at, None, TimerKind::WriteStall { conn, after });
+                    }
+                }
+                TimerKind::Stats => log::info!("stats: {}", self.core.stats),
                 TimerKind::Linger { conn } => match self.core.get(conn) {
                     Some(c) if c.has(LINGER) => self.remove(conn),
                     Some(c) if c.has(CLOSING) => {
@@ -920,9 +1001,13 @@ impl Server {
         let (s, key, why) = (c.service as usize, c.session as usize, c.reason);
         if c.has(CONNECTED) {
             let core = &mut self.core;
-            self.services[s]
-                .handler
-                .close(&mut Context::new(core, id, s), key, why);
+            let handler = &mut self.services[s].handler;
+            if let Err(message) =
+                contain(|| handler.close(&mut Context::new(core, id, s), key, why))
+            {
+                // It is closing already; nothing more to undo.
+                core.panicked(ConnId::NONE, &message);
+            }
         }
         let stats = &mut self.core.stats;
         stats.closed += 1;
@@ -934,7 +1019,8 @@ impl Server {
             CloseReason::InputLimit => stats.input_limit_closes += 1,
             CloseReason::OutputLimit => stats.output_limit_closes += 1,
             CloseReason::Error(_) => stats.io_errors += 1,
-            CloseReason::Panic => stats.panics += 1,
+            // Counted where the panic was caught.
+            CloseReason::Panic => {}
             CloseReason::Closed | CloseReason::Aborted | CloseReason::Shutdown => {}
         }
         let Some(c) = self.core.get_mut(id) else {
@@ -997,9 +1083,12 @@ impl Server {
                 }
             }
             let core = &mut self.core;
-            self.services[s]
-                .handler
-                .shutdown(&mut Context::new(core, ConnId::NONE, s));
+            let handler = &mut self.services[s].handler;
+            if let Err(message) =
+                contain(|| handler.shutdown(&mut Context::new(core, ConnId::NONE, s)))
+            {
+                core.panicked(ConnId::NONE, &message);
+            }
         }
         for bound in &mut self.dgrams {
             if let Some(socket) = bound.socket.take() {
@@ -1105,12 +1194,12 @@ fn call(
     };
     let (s, key) = (c.service as usize, c.session as usize);
     core.current = id;
-    f(
-        &mut *services[s].handler,
-        &mut Context::new(core, id, s),
-        key,
-    );
+    let handler = &mut *services[s].handler;
+    let outcome = contain(|| f(handler, &mut Context::new(core, id, s), key));
     core.current = ConnId::NONE;
+    if let Err(message) = outcome {
+        core.panicked(id, &message);
+    }
     core.commit(id, poller);
 }
 

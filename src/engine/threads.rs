@@ -36,9 +36,9 @@ use socket2::SockRef;
 
 use super::select::SelfPipe;
 use super::server::{SHUTDOWN, STOP};
-use super::{Handle, Handler, Hosted, Report};
+use super::{contain, Admission, Handle, Handler, Hosted, Report};
 use crate::buffer::Input;
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, PanicPolicy};
 use crate::net::{self, Endpoint, ToEndpoint, SEND_FLAGS};
 use crate::select::{Backend, Interest, Selector};
 use crate::service::{CloseMode, CloseReason, ConnId, Context, Driver, PeerAddr, Service};
@@ -184,6 +184,7 @@ struct Shared {
     handle: Handle,
     linger: Duration,
     read_chunk: usize,
+    on_panic: PanicPolicy,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,6 +219,7 @@ struct Outcome {
 struct ThreadDriver<'a> {
     shared: &'a Shared,
     me: ConnId,
+    service: usize,
     peer: Option<&'a PeerAddr>,
     now: Instant,
     out: &'a mut Outcome,
@@ -296,6 +298,16 @@ impl Driver for ThreadDriver<'_> {
         lock(&self.shared.stats).protocol_errors += 1;
     }
 
+    fn frame_in(&mut self) {
+        lock(&self.shared.stats).frames_in += 1;
+    }
+
+    fn frame_timeout(&self, id: ConnId) -> Option<Duration> {
+        (id == self.me)
+            .then(|| self.shared.limits[self.service].frame_timeout)
+            .flatten()
+    }
+
     fn output_len(&self, id: ConnId) -> Option<usize> {
         // Writes block until the kernel takes them: nothing queues here.
         (id == self.me || self.shared.peer(id).is_some()).then_some(0)
@@ -362,6 +374,7 @@ pub struct ThreadedServer {
     handle: Handle,
     wake: SelfPipe,
     stats: Option<Arc<Shared>>,
+    admission: Option<Admission>,
 }
 
 impl std::fmt::Debug for ThreadedServer {
@@ -413,12 +426,19 @@ impl ThreadedServer {
             handle: Handle::new(wake.waker()),
             wake,
             stats: None,
+            admission: None,
         })
     }
 
     /// The configuration this server runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Decides, for each accepted connection, whether to serve it; see
+    /// [`Server::set_admission`](super::Server::set_admission).
+    pub fn set_admission(&mut self, admit: impl Fn(&PeerAddr) -> bool + Send + Sync + 'static) {
+        self.admission = Some(Arc::new(admit));
     }
 
     /// Listens on a stream endpoint (e.g. `127.0.0.1:7007`) and serves it
@@ -501,6 +521,7 @@ impl ThreadedServer {
             handle: self.handle.clone(),
             linger: self.config.linger,
             read_chunk: self.threads.read_chunk.max(1),
+            on_panic: self.config.on_panic,
         });
         self.stats = Some(Arc::clone(&shared));
         let max_conns = self.config.effective_max_connections();
@@ -518,7 +539,14 @@ impl ThreadedServer {
                 .spawn(move || service_timers(&shared))?
         };
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        let mut last_stats = Instant::now();
         while self.handle.requested() < SHUTDOWN {
+            if let Some(every) = self.config.stats_interval {
+                if last_stats.elapsed() >= every {
+                    last_stats = Instant::now();
+                    log::info!("stats: {}", lock(&shared.stats));
+                }
+            }
             for ready in selector.select(Some(ACCEPT_TICK))? {
                 if ready.key == usize::MAX {
                     self.wake.drain();
@@ -564,6 +592,10 @@ impl ThreadedServer {
             if lock(&shared.stats).active as usize >= max_conns {
                 lock(&shared.stats).rejected_limit += 1;
                 let _ = stream.send_all(b"error: server full, try again later\r\n");
+                continue;
+            }
+            if self.admission.as_ref().is_some_and(|admit| !admit(&peer)) {
+                lock(&shared.stats).rejected_admission += 1;
                 continue;
             }
             let limits = &shared.limits[*service];
@@ -689,6 +721,7 @@ fn run_callback(
         let mut driver = ThreadDriver {
             shared,
             me,
+            service,
             peer,
             now,
             out: &mut out,
@@ -698,7 +731,21 @@ fn run_callback(
             timers,
         };
         let mut handler = lock(&shared.handlers[service]);
-        f(&mut **handler, &mut Context::new(&mut driver, me, service));
+        if let Err(message) =
+            contain(|| f(&mut **handler, &mut Context::new(&mut driver, me, service)))
+        {
+            log::error!("a service callback for {me} panicked: {message}");
+            driver.out.own.clear();
+            lock(&shared.stats).panics += 1;
+            if me != ConnId::NONE {
+                driver
+                    .close
+                    .get_or_insert((CloseMode::Abort, CloseReason::Panic));
+            }
+            if shared.on_panic == PanicPolicy::Shutdown {
+                shared.handle.shutdown();
+            }
+        }
     }
     // The lock is released: now the I/O.
     if !out.own.is_empty() {
