@@ -70,6 +70,10 @@ struct ServeArgs {
     /// Most connections open at once (clamped to the descriptor limit).
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Descriptors kept free when clamping --max-connections to the
+    /// descriptor limit (default 32).
+    #[arg(long, value_name = "N")]
+    fd_reserve: Option<usize>,
     /// Close connections idle this long (seconds; 0 = never).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     idle_timeout: Option<Duration>,
@@ -129,6 +133,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     let mut config = Config::default();
     if let Some(n) = args.max_connections {
         config.max_connections = n;
+    }
+    if let Some(n) = args.fd_reserve {
+        config.fd_reserve = n;
     }
     if let Some(t) = args.idle_timeout {
         config.limits.idle_timeout = (!t.is_zero()).then_some(t);

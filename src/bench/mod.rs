@@ -27,14 +27,27 @@ impl ServerProcess {
     /// for it to say where it listens.
     pub fn spawn(args: &[&str]) -> io::Result<ServerProcess> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .arg("serve")
+        ServerProcess::spawn_with(&exe, args, |cmd| {
+            cmd.env("RUST_LOG", "warn");
+        })
+    }
+
+    /// Starts `EXE serve ARGS...`, letting `configure` adjust the command
+    /// (environment, stderr, limits) first, and waits for the first TCP
+    /// address it prints.
+    pub fn spawn_with(
+        exe: &std::path::Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> io::Result<ServerProcess> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
             .args(args)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+            .stderr(Stdio::inherit());
+        configure(&mut cmd);
+        let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut addr = None;
         for line in BufReader::new(stdout).lines() {
@@ -63,6 +76,12 @@ impl ServerProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The child process itself (to signal it, wait for it, or read its
+    /// stderr).
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
     }
 
     /// CPU time the server has used so far (user, system).

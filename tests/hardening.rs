@@ -1,0 +1,250 @@
+//! A server exposed to strangers: connection limits, admission, slow-loris
+//! clients, stalled readers, and panicking services.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use muxserve::config::PanicPolicy;
+use muxserve::services::{Echo, Stamp, Zone};
+use muxserve::{Config, Context, Input, Server, Service};
+
+/// Steps `server` from the test thread until `done` (bounded).
+fn step_until(server: &mut Server, limit: Duration, mut done: impl FnMut(&Server) -> bool) {
+    let end = Instant::now() + limit;
+    while !done(server) {
+        assert!(Instant::now() < end, "timed out");
+        server.run_once(Some(Duration::from_millis(5))).unwrap();
+    }
+}
+
+/// Runs `client` on its own thread while the test thread steps `server`.
+fn with_clients<T: Send + 'static>(
+    server: &mut Server,
+    client: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let handle = thread::spawn(client);
+    let end = Instant::now() + Duration::from_secs(60);
+    while !handle.is_finished() {
+        assert!(Instant::now() < end, "clients did not finish");
+        server.run_once(Some(Duration::from_millis(5))).unwrap();
+    }
+    handle.join().expect("client thread failed")
+}
+
+#[test]
+fn over_max_connections_clients_get_an_error_line_then_eof() {
+    let mut config = Config::default();
+    config.max_connections = 100;
+    let mut server = Server::with_config(config).unwrap();
+    let addr = local(&mut server, Echo);
+    let mut served = with_clients(&mut server, move || {
+        (0..100)
+            .map(|i| {
+                let mut c = connect(addr);
+                echo_in_steps(&mut c, &[i as u8; 10], 10);
+                c
+            })
+            .collect::<Vec<_>>()
+    });
+    with_clients(&mut server, move || {
+        for _ in 0..20 {
+            let mut c = connect(addr);
+            assert_eq!(
+                read_to_end(&mut c),
+                b"error: server full, try again later\r\n"
+            );
+        }
+    });
+    assert_eq!(server.stats().rejected_limit, 20);
+    // Ten leave; ten newcomers are served.
+    served.truncate(90);
+    step_until(&mut server, Duration::from_secs(10), |s| {
+        s.stats().active == 90
+    });
+    let newcomers = with_clients(&mut server, move || {
+        (0..10)
+            .map(|i| {
+                let mut c = connect(addr);
+                echo_in_steps(&mut c, &[i as u8; 10], 10);
+                c
+            })
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(server.stats().rejected_limit, 20);
+    assert_eq!(server.stats().active, 100);
+    drop((served, newcomers));
+}
+
+#[test]
+fn the_admission_hook_refuses_peers() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut server = Server::new().unwrap();
+    let counter = Arc::clone(&seen);
+    // Refuse every second connection.
+    server.set_admission(move |_peer| counter.fetch_add(1, Ordering::SeqCst) % 2 == 0);
+    let addr = local(&mut server, Echo);
+    with_clients(&mut server, move || {
+        let mut first = connect(addr);
+        echo_in_steps(&mut first, b"welcome", 7);
+        let mut second = connect(addr);
+        assert_eq!(read_to_end(&mut second), b"");
+        let mut third = connect(addr);
+        echo_in_steps(&mut third, b"welcome too", 11);
+    });
+    assert_eq!(server.stats().rejected_admission, 1);
+    assert_eq!(seen.load(Ordering::SeqCst), 3);
+}
+
+/// 200 clients start a line and then send one byte a second: each is
+/// closed between the frame timeout and 1.5 s after it, while 20 normal
+/// clients are served without a hitch.
+#[test]
+fn slow_loris_clients_are_closed_by_the_frame_timeout() {
+    const LORIS: usize = 200;
+    let timeout = Duration::from_secs(1);
+    let server = start(move || {
+        let mut config = Config::default();
+        config.limits.frame_timeout = Some(timeout);
+        let mut server = Server::with_config(config).unwrap();
+        let addr = local(&mut server, Stamp::service(Zone::Utc));
+        (server, vec![addr.into()])
+    });
+    let addr = server.addr();
+    let normal: Vec<_> = (0..20)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut c = LineClient::connect(addr);
+                for n in 0..30 {
+                    c.send(&format!("client {i} line {n}"));
+                    let line = c.line();
+                    assert!(
+                        line.ends_with(&format!("] client {i} line {n}\r\n")),
+                        "{line:?}"
+                    );
+                    thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    // Each loris: a partial line, then a byte a second until closed.
+    let mut loris: Vec<(TcpStream, Instant, Option<Duration>)> = (0..LORIS)
+        .map(|_| {
+            let mut c = connect(addr);
+            c.write_all(b"GET / HTTP/1.1 slow").unwrap();
+            c.set_nonblocking(true).unwrap();
+            (c, Instant::now(), None)
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut next_byte = Instant::now() + Duration::from_secs(1);
+    while loris.iter().any(|l| l.2.is_none()) {
+        assert!(Instant::now() < end, "some slow clients were never closed");
+        let send = Instant::now() >= next_byte;
+        if send {
+            next_byte += Duration::from_secs(1);
+        }
+        for (c, started, closed) in loris.iter_mut().filter(|l| l.2.is_none()) {
+            let mut buf = [0u8; 256];
+            match c.read(&mut buf) {
+                Ok(0) => *closed = Some(started.elapsed()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if send {
+                        let _ = c.write(b".");
+                    }
+                }
+                Err(_) => *closed = Some(started.elapsed()),
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    for (_, _, closed) in &loris {
+        let after = closed.unwrap();
+        assert!(
+            after >= timeout && after <= timeout + Duration::from_millis(1500),
+            "closed after {after:?}"
+        );
+    }
+    for n in normal {
+        n.join().expect("a normal client saw an error");
+    }
+    let report = server.shutdown();
+    assert_eq!(
+        report.stats.frame_timeouts, LORIS as u64,
+        "{}",
+        report.stats
+    );
+}
+
+#[test]
+fn a_peer_whose_output_stalls_is_dropped_after_the_write_timeout() {
+    let timeout = Duration::from_secs(1);
+    let server = start(move || {
+        let mut config = Config::default();
+        config.limits.write_timeout = Some(timeout);
+        config.limits.send_buffer = Some(64 * 1024);
+        let mut server = Server::with_config(config).unwrap();
+        let addr = local(&mut server, Echo);
+        (server, vec![addr.into()])
+    });
+    let mut hog = connect(server.addr());
+    hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Write until the server stops reading, never read.
+    let chunk = pattern(64 * 1024, 4);
+    let start = Instant::now();
+    while hog.write_all(&chunk).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server never pushed back"
+        );
+    }
+    let report = server.shutdown();
+    assert_eq!(report.stats.write_timeouts, 1, "{}", report.stats);
+}
+
+/// Echoes, but panics on a line that says "boom".
+struct Fragile;
+
+impl Service for Fragile {
+    type Session = ();
+    fn on_connect(&mut self, _cx: &mut Context<'_>) {}
+    fn on_data(&mut self, cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
+        let data = input.take();
+        assert!(!data.starts_with(b"boom"), "boom requested");
+        cx.write(data);
+    }
+}
+
+#[test]
+fn the_shutdown_policy_stops_the_server_after_a_panic() {
+    let mut config = Config::default();
+    config.on_panic = PanicPolicy::Shutdown;
+    config.grace = Duration::from_millis(200);
+    let mut server = Server::with_config(config).unwrap();
+    let addr = local(&mut server, Fragile);
+    let client = thread::spawn(move || {
+        let mut c = connect(addr);
+        c.write_all(b"boom").unwrap();
+        read_to_end_or_reset(&mut c)
+    });
+    step_until(&mut server, Duration::from_secs(10), |s| s.is_finished());
+    assert_eq!(server.report().stats.panics, 1);
+    client.join().unwrap();
+}
+
+/// Reads to EOF; a reset also counts as the end.
+fn read_to_end_or_reset(c: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    match c.read_to_end(&mut out) {
+        Ok(_) => out,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => out,
+        Err(e) => panic!("read: {e}"),
+    }
+}
