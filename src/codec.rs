@@ -346,7 +346,9 @@ impl Encoder for LengthPrefixed {
 
 /// Decodes every whole message in `buf`, for tests and simple callers.
 /// Returns the messages, and bytes consumed (whatever is left is a partial
-/// message).
+/// message). On a corrupt stream it returns only the error; decode message
+/// by message (as [`Framed`](crate::framed::Framed) does) to keep the
+/// messages before it.
 pub fn decode_all<D: Decoder>(
     decoder: &mut D,
     buf: &[u8],

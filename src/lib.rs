@@ -54,8 +54,10 @@
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+pub mod auth;
 pub mod bench;
 pub mod buffer;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod engine;
@@ -65,6 +67,7 @@ pub mod select;
 pub mod service;
 pub mod services;
 pub mod stats;
+pub mod testing;
 pub mod timer;
 
 pub use buffer::Input;

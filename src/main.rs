@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use muxserve::auth::Key;
 use muxserve::engine::ThreadConfig;
 use muxserve::services::{Binding, Zone};
 use muxserve::{Config, Engine, Host, Server, ThreadedServer};
@@ -23,9 +24,43 @@ struct Cli {
 enum Command {
     /// Serve built-in services; with no bindings, the default set on 127.0.0.1.
     Serve(ServeArgs),
+    /// Talk to a line service: stdin to the server, the server to stdout.
+    Client(ClientArgs),
     /// Benchmark echo servers: each in its own process, driven by a
     /// one-thread load generator that checks every byte.
     Bench(BenchArgs),
+}
+
+/// Where an authentication key comes from: a file or an environment
+/// variable, never the command line (where `ps` would show it).
+#[derive(clap::Args, Debug, Clone)]
+struct KeyArgs {
+    /// Read the HMAC key from this file.
+    #[arg(long, value_name = "PATH", conflicts_with = "auth_key_env")]
+    auth_key_file: Option<std::path::PathBuf>,
+    /// Read the HMAC key from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    auth_key_env: Option<String>,
+}
+
+impl KeyArgs {
+    fn load(&self) -> std::io::Result<Option<Key>> {
+        match (&self.auth_key_file, &self.auth_key_env) {
+            (Some(path), _) => Key::from_file(path).map(Some).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("auth key file {}: {e}", path.display()))
+            }),
+            (None, Some(var)) => Key::from_env(var).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct ClientArgs {
+    /// HOST:PORT of the server.
+    addr: String,
+    #[command(flatten)]
+    key: KeyArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,6 +126,10 @@ struct ServeArgs {
     /// Log the counters this often (seconds).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     stats_interval: Option<Duration>,
+    /// Put every stream service behind HMAC challenge-response
+    /// authentication (see `muxserve client`).
+    #[command(flatten)]
+    key: KeyArgs,
     /// On Ctrl-C, let open connections finish for this long (seconds).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     grace: Option<Duration>,
@@ -118,6 +157,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
+        Command::Client(args) => client(args),
     }
 }
 
@@ -152,10 +192,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(g) = args.grace {
         config.grace = g;
     }
+    let key = match args.key.load() {
+        Ok(key) => key,
+        Err(e) => return usage_error(&e.to_string()),
+    };
     let bindings = if args.bindings.is_empty() {
         let mut defaults = Binding::defaults();
-        if args.engine == Engine::Threads {
-            // One thread per connection has no datagram version.
+        if args.engine == Engine::Threads || key.is_some() {
+            // One thread per connection, and authentication, need streams.
             defaults.retain(|b| b.endpoint.is_stream());
         }
         defaults
@@ -167,9 +211,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let started = match args.engine {
         Engine::Threads => ThreadedServer::new(config, ThreadConfig::default())
-            .map(|server| serve_on(server, &bindings, opts, args.engine)),
+            .map(|server| serve_on(server, &bindings, opts, key.as_ref(), args.engine)),
         engine => Server::with_engine(engine, config)
-            .map(|server| serve_on(server, &bindings, opts, engine)),
+            .map(|server| serve_on(server, &bindings, opts, key.as_ref(), engine)),
     };
     started.unwrap_or_else(|e| {
         eprintln!("muxserve: cannot start the {} engine: {e}", args.engine);
@@ -182,11 +226,15 @@ fn serve_on<H: Host>(
     mut server: H,
     bindings: &[Binding],
     opts: muxserve::services::Options,
+    key: Option<&Key>,
     engine: Engine,
 ) -> ExitCode {
     let mut lines = Vec::new();
     for b in bindings {
-        match b.service.bind(&mut server, b.endpoint.clone(), opts) {
+        match b
+            .service
+            .bind_behind(&mut server, b.endpoint.clone(), opts, key)
+        {
             Ok(bound) => lines.push(format!(
                 "  {:<8} {:<24} {:<22} {}",
                 b.service,
@@ -202,7 +250,12 @@ fn serve_on<H: Host>(
             }
         }
     }
-    println!("muxserve is serving on the {engine} engine (Ctrl-C to stop):");
+    let behind = if key.is_some() {
+        ", behind authentication"
+    } else {
+        ""
+    };
+    println!("muxserve is serving on the {engine} engine{behind} (Ctrl-C to stop):");
     for line in lines {
         println!("{line}");
     }
@@ -319,4 +372,20 @@ fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn client(args: ClientArgs) -> ExitCode {
+    let key = match args.key.load() {
+        Ok(key) => key,
+        Err(e) => return usage_error(&e.to_string()),
+    };
+    let result = muxserve::client::connect(&args.addr, key.as_ref())
+        .and_then(|stream| muxserve::client::interact(stream, std::io::stdin(), std::io::stdout()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("muxserve client: {}: {e}", args.addr);
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -20,8 +20,10 @@ use std::fmt;
 use std::io;
 use std::str::FromStr;
 
+use crate::auth::{Authenticated, Key};
 use crate::engine::Host;
 use crate::net::Endpoint;
+use crate::service::Service;
 
 /// A built-in service, by the name used in `SERVICE@ADDR`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,9 +91,28 @@ impl Builtin {
         endpoint: Endpoint,
         opts: Options,
     ) -> io::Result<Endpoint> {
+        self.bind_behind(server, endpoint, opts, None)
+    }
+
+    /// Like [`bind`](Builtin::bind); with a key, the service is put behind
+    /// [`Authenticated`] (stream endpoints only: a datagram has no
+    /// connection to authenticate).
+    pub fn bind_behind<H: Host>(
+        self,
+        server: &mut H,
+        endpoint: Endpoint,
+        opts: Options,
+        auth: Option<&Key>,
+    ) -> io::Result<Endpoint> {
         // A stream endpoint gets the stream version, a datagram endpoint the
         // datagram version.
         if !endpoint.is_stream() {
+            if auth.is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{endpoint}: authentication needs a stream endpoint"),
+                ));
+            }
             return match self {
                 Builtin::Echo => server.bind_dgram(endpoint, Echo),
                 Builtin::Discard => server.bind_dgram(endpoint, Discard),
@@ -104,14 +125,14 @@ impl Builtin {
                 )),
             };
         }
-        let limits = server.config().limits.clone();
+        let at = (endpoint, auth);
         match self {
-            Builtin::Echo => server.bind_stream(endpoint, Echo, limits),
-            Builtin::Discard => server.bind_stream(endpoint, Discard, limits),
-            Builtin::Daytime => server.bind_stream(endpoint, Daytime { zone: opts.zone }, limits),
-            Builtin::Time => server.bind_stream(endpoint, Time, limits),
-            Builtin::Stamp => server.bind_stream(endpoint, Stamp::service(opts.zone), limits),
-            Builtin::Chat => server.bind_stream(endpoint, Chat::new().service(), limits),
+            Builtin::Echo => stream(server, at, Echo),
+            Builtin::Discard => stream(server, at, Discard),
+            Builtin::Daytime => stream(server, at, Daytime { zone: opts.zone }),
+            Builtin::Time => stream(server, at, Time),
+            Builtin::Stamp => stream(server, at, Stamp::service(opts.zone)),
+            Builtin::Chat => stream(server, at, Chat::new().service()),
         }
     }
 
@@ -125,6 +146,24 @@ impl Builtin {
             Builtin::Stamp => "each line comes back as [time] line",
             Builtin::Chat => "a chat room: send a nickname, then talk; /help",
         }
+    }
+}
+
+/// Binds a stream service, behind authentication when a key is given.
+fn stream<H, S>(
+    server: &mut H,
+    (endpoint, auth): (Endpoint, Option<&Key>),
+    service: S,
+) -> io::Result<Endpoint>
+where
+    H: Host,
+    S: Service + Send + 'static,
+    S::Session: Send,
+{
+    let limits = server.config().limits.clone();
+    match auth {
+        Some(key) => server.bind_stream(endpoint, Authenticated::new(service, key.clone()), limits),
+        None => server.bind_stream(endpoint, service, limits),
     }
 }
 

@@ -328,6 +328,14 @@ pub trait HostBind {
         at: Endpoint,
         opts: muxserve::services::Options,
     ) -> io::Result<Endpoint>;
+
+    /// Binds `Authenticated<service>` and returns its counters too.
+    fn bind_authenticated(
+        &mut self,
+        service: muxserve::services::Echo,
+        key: muxserve::auth::Key,
+        timeout: Duration,
+    ) -> (Endpoint, std::sync::Arc<muxserve::auth::AuthCounters>);
 }
 
 impl<H: muxserve::Host> HostBind for H {
@@ -338,6 +346,21 @@ impl<H: muxserve::Host> HostBind for H {
         opts: muxserve::services::Options,
     ) -> io::Result<Endpoint> {
         service.bind(self, at, opts)
+    }
+
+    fn bind_authenticated(
+        &mut self,
+        service: muxserve::services::Echo,
+        key: muxserve::auth::Key,
+        timeout: Duration,
+    ) -> (Endpoint, std::sync::Arc<muxserve::auth::AuthCounters>) {
+        let auth = muxserve::auth::Authenticated::new(service, key).timeout(timeout);
+        let counters = auth.counters();
+        let limits = self.config().limits.clone();
+        let bound = self
+            .bind_stream(LOOPBACK.parse().unwrap(), auth, limits)
+            .expect("bind");
+        (bound, counters)
     }
 }
 
