@@ -68,38 +68,52 @@ struct BenchArgs {
     /// Drive this external echo server instead of starting our own.
     #[arg(long, value_name = "ADDR")]
     target: Option<std::net::SocketAddr>,
-    /// Engines to start (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "mio")]
+    /// Servers to start: mio, poll, select, threads, tokio (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "mio,poll,threads,tokio")]
     engines: Vec<String>,
-    /// Concurrent connections.
-    #[arg(long, default_value_t = 100)]
-    conns: usize,
-    /// Bytes per request.
-    #[arg(long, default_value_t = 64)]
-    size: usize,
-    /// Requests in flight per connection.
-    #[arg(long, default_value_t = 1)]
-    depth: usize,
+    /// Concurrent connections (a list makes a matrix).
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    conns: Vec<usize>,
+    /// Bytes per request (a list makes a matrix).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    sizes: Vec<usize>,
+    /// Requests in flight per connection (a list makes a matrix).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    depth: Vec<usize>,
     /// Seconds of warm-up before each measured run.
     #[arg(long, default_value = "1", value_parser = seconds)]
     warmup: Duration,
     /// Seconds measured per run.
     #[arg(long, default_value = "5", value_parser = seconds)]
     duration: Duration,
-    /// Runs per engine, interleaved across engines; medians are reported.
+    /// Runs per cell and engine, interleaved across engines; medians are
+    /// reported.
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Also measure server memory per idle connection with this many
     /// connections, each having echoed once (0 = skip).
     #[arg(long, default_value_t = 0, value_name = "K")]
     idle: usize,
+    /// Also measure connection churn for this many seconds per run (0 = skip).
+    #[arg(long, default_value = "0", value_parser = seconds, value_name = "SECS")]
+    churn: Duration,
+    /// Also measure chat fan-out with these member counts (comma separated).
+    #[arg(long, value_delimiter = ',', value_name = "M")]
+    chat: Vec<usize>,
+    /// Messages one chat member sends in the fan-out test.
+    #[arg(long, default_value_t = 200)]
+    chat_messages: usize,
+    /// Write results.json, samples.csv and SVG charts here.
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// The engine that runs the services: mio, poll, select or threads.
+    /// The engine that runs the services: mio, poll, select or threads
+    /// (and tokio, the benchmark's echo peer).
     #[arg(long, default_value = "mio")]
-    engine: Engine,
+    engine: EngineChoice,
     /// SERVICE@ADDRESS, e.g. echo@127.0.0.1:7007 or discard@unix:///tmp/d.sock
     bindings: Vec<Binding>,
     /// Most connections open at once (clamped to the descriptor limit).
@@ -133,6 +147,25 @@ struct ServeArgs {
     /// On Ctrl-C, let open connections finish for this long (seconds).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     grace: Option<Duration>,
+}
+
+/// A muxserve engine, or the tokio echo peer `muxserve bench` compares
+/// against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EngineChoice {
+    Muxserve(Engine),
+    Tokio,
+}
+
+impl std::str::FromStr for EngineChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<EngineChoice, String> {
+        if s == "tokio" && cfg!(feature = "tokio-peer") {
+            return Ok(EngineChoice::Tokio);
+        }
+        s.parse().map(EngineChoice::Muxserve)
+    }
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -196,9 +229,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(key) => key,
         Err(e) => return usage_error(&e.to_string()),
     };
+    let engine = match args.engine {
+        EngineChoice::Muxserve(engine) => engine,
+        EngineChoice::Tokio => return serve_tokio(&args.bindings),
+    };
     let bindings = if args.bindings.is_empty() {
         let mut defaults = Binding::defaults();
-        if args.engine == Engine::Threads || key.is_some() {
+        if engine == Engine::Threads || key.is_some() {
             // One thread per connection, and authentication, need streams.
             defaults.retain(|b| b.endpoint.is_stream());
         }
@@ -209,14 +246,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     let opts = muxserve::services::Options {
         zone: if args.utc { Zone::Utc } else { Zone::Local },
     };
-    let started = match args.engine {
+    let started = match engine {
         Engine::Threads => ThreadedServer::new(config, ThreadConfig::default())
-            .map(|server| serve_on(server, &bindings, opts, key.as_ref(), args.engine)),
+            .map(|server| serve_on(server, &bindings, opts, key.as_ref(), engine)),
         engine => Server::with_engine(engine, config)
             .map(|server| serve_on(server, &bindings, opts, key.as_ref(), engine)),
     };
     started.unwrap_or_else(|e| {
-        eprintln!("muxserve: cannot start the {} engine: {e}", args.engine);
+        eprintln!("muxserve: cannot start the {engine} engine: {e}");
         ExitCode::FAILURE
     })
 }
@@ -304,72 +341,82 @@ fn bench(args: BenchArgs) -> ExitCode {
 }
 
 fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
-    use muxserve::bench::{self, load::LoadSpec, ServerProcess};
-    let spec = LoadSpec {
-        target: args.target.unwrap_or(([127, 0, 0, 1], 0).into()),
-        conns: args.conns,
-        size: args.size,
-        depth: args.depth,
-        warmup: args.warmup,
-        duration: args.duration,
-    };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores >= 2 {
-        let _ = bench::pin(0, 0);
-    }
-    println!(
-        "echo, {} connections x {} B, depth {}, {} runs of {:?} after {:?} warm-up, {} cores",
-        spec.conns, spec.size, spec.depth, args.runs, spec.duration, spec.warmup, cores
-    );
-    let start = |engine: &str| -> std::io::Result<ServerProcess> {
-        let server = ServerProcess::spawn(&["--engine", engine, "echo@127.0.0.1:0"])?;
-        if cores >= 2 {
-            let _ = bench::pin(server.pid(), 1);
-        }
-        Ok(server)
-    };
+    use muxserve::bench::{self, load::LoadSpec, report, runner};
+    runner::pin_self();
     if let Some(target) = args.target {
-        for run in 0..args.runs {
-            let result = bench::load::run(
-                &LoadSpec {
-                    target,
-                    ..spec.clone()
-                },
-                |_| {},
-            )?;
-            println!("run {run}: {:.0} req/s", result.rate());
+        // An external server: load only (its CPU and memory are not ours
+        // to read).
+        for &conns in &args.conns {
+            for &size in &args.sizes {
+                for &depth in &args.depth {
+                    for run in 0..args.runs {
+                        let spec = LoadSpec {
+                            target,
+                            conns,
+                            size,
+                            depth,
+                            warmup: args.warmup,
+                            duration: args.duration,
+                        };
+                        let r = bench::load::run(&spec, |_| {})?;
+                        let h = &r.latency;
+                        println!(
+                            "{target} {conns}x{size}B depth {depth} run {run}: {:.0} req/s, p50 {:.1} µs, p99 {:.1} µs",
+                            r.rate(),
+                            h.value_at_quantile(0.5) as f64 / 1e3,
+                            h.value_at_quantile(0.99) as f64 / 1e3
+                        );
+                    }
+                }
+            }
         }
         return Ok(());
     }
-    let mut samples: Vec<Vec<bench::Sample>> = vec![Vec::new(); args.engines.len()];
-    for run in 0..args.runs {
-        for (e, engine) in args.engines.iter().enumerate() {
-            let server = start(engine)?;
-            let sample = bench::measure(engine, &server, &spec, |_| {})?;
-            println!("run {run}: {sample}");
-            samples[e].push(sample);
-        }
-    }
-    println!("medians:");
-    for (engine, runs) in args.engines.iter().zip(&samples) {
-        let med = |f: &dyn Fn(&bench::Sample) -> f64| {
-            bench::median(&mut runs.iter().map(f).collect::<Vec<_>>())
-        };
-        println!(
-            "  {engine:<8} {:>10.0} req/s  p50 {:.1} µs  p99 {:.1} µs  cpu/req {:.3} µs user + {:.3} µs sys",
-            med(&|s| s.rate),
-            med(&|s| s.latency_us[0]),
-            med(&|s| s.latency_us[1]),
-            med(&|s| s.cpu_us.0),
-            med(&|s| s.cpu_us.1),
-        );
-    }
+    let plan = runner::Plan {
+        engines: args.engines.clone(),
+        conns: args.conns.clone(),
+        sizes: args.sizes.clone(),
+        depths: args.depth.clone(),
+        warmup: args.warmup,
+        duration: args.duration,
+        runs: args.runs,
+    };
+    println!(
+        "echo on {} engines: conns {:?}, sizes {:?}, depth {:?}; {} runs of {:?} after {:?} warm-up; {} cores",
+        plan.engines.len(),
+        plan.conns,
+        plan.sizes,
+        plan.depths,
+        plan.runs,
+        plan.duration,
+        plan.warmup,
+        runner::cores()
+    );
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}")
+            .expect("valid template"),
+    );
+    let mut results = report::Results {
+        cells: runner::matrix(&plan, &bar)?,
+        ..Default::default()
+    };
     if args.idle > 0 {
-        for engine in &args.engines {
-            let server = start(engine)?;
-            let per = bench::idle_bytes_per_conn(&server, args.idle, args.size)?;
-            println!("  {engine:<8} {per:.0} B of server RSS per idle connection ({} connections, each echoed {} B once)", args.idle, args.size);
-        }
+        bar.inc_length(plan.engines.len() as u64);
+        results.idle = runner::idle(&plan.engines, args.idle, args.sizes[0], &bar)?;
+    }
+    if !args.churn.is_zero() {
+        bar.inc_length((plan.engines.len() * args.runs) as u64);
+        results.churn = runner::churn(&plan.engines, args.churn, args.runs, &bar)?;
+    }
+    if !args.chat.is_empty() {
+        bar.inc_length((plan.engines.len() * args.chat.len()) as u64);
+        results.fanout = runner::fanout(&plan.engines, &args.chat, args.chat_messages, &bar)?;
+    }
+    bar.finish_and_clear();
+    print!("{}", report::table(&results));
+    if let Some(dir) = &args.out {
+        report::write(dir, &results)?;
+        println!("wrote {}", dir.display());
     }
     Ok(())
 }
@@ -388,4 +435,29 @@ fn client(args: ClientArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `serve --engine tokio echo@ADDR`: the benchmark's tokio peer.
+#[cfg(feature = "tokio-peer")]
+fn serve_tokio(bindings: &[Binding]) -> ExitCode {
+    let [Binding {
+        service: muxserve::services::Builtin::Echo,
+        endpoint: muxserve::Endpoint::Tcp(addr),
+    }] = bindings
+    else {
+        return usage_error("the tokio peer serves exactly one echo@HOST:PORT binding");
+    };
+    let result = muxserve::bench::peer::tokio_echo(*addr, |bound| {
+        println!("tokio echo peer:");
+        println!("  echo     tcp://{bound}");
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage_error(&format!("tokio peer on {addr}: {e}")),
+    }
+}
+
+#[cfg(not(feature = "tokio-peer"))]
+fn serve_tokio(_bindings: &[Binding]) -> ExitCode {
+    usage_error("built without the tokio-peer feature")
 }

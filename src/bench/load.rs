@@ -216,3 +216,125 @@ pub fn idle_connections(
     }
     Ok(conns)
 }
+
+/// Opens, uses and closes connections one after another for `duration`:
+/// connect, echo 64 bytes, close with a reset (SO_LINGER 0, as load
+/// generators do to spare the client TIME_WAIT). Returns how many.
+pub fn churn(target: SocketAddr, duration: Duration) -> io::Result<u64> {
+    let payload = payload(64);
+    let mut back = [0u8; 64];
+    let end = Instant::now() + duration;
+    let mut done = 0;
+    while Instant::now() < end {
+        let mut s = std::net::TcpStream::connect(target)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&payload)?;
+        s.read_exact(&mut back)?;
+        if back[..] != payload[..] {
+            return Err(io::Error::other("echoed bytes differ"));
+        }
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// What a chat fan-out run measured.
+#[derive(Clone, Debug)]
+pub struct FanOut {
+    /// Messages received by members, all told.
+    pub deliveries: u64,
+    /// From the first message sent to the last one received.
+    pub elapsed: Duration,
+    /// Deliveries expected but not seen (members evicted or too slow).
+    pub missing: u64,
+}
+
+/// Joins `members` members to a chat server, has the first send
+/// `messages` lines of 64 bytes, and counts what the others receive.
+pub fn chat_fanout(target: SocketAddr, members: usize, messages: usize) -> io::Result<FanOut> {
+    use std::io::BufRead;
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(1024);
+    let mut sender = None;
+    let mut readers = Vec::with_capacity(members);
+    for i in 0..members {
+        let s = std::net::TcpStream::connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut r = std::io::BufReader::new(s.try_clone()?);
+        (&s).write_all(format!("m{i}\n").as_bytes())?;
+        let welcome = format!("* welcome, m{i};");
+        let mut line = String::new();
+        while !line.starts_with(&welcome) {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                return Err(io::Error::other("the chat server closed during join"));
+            }
+        }
+        if i == 0 {
+            sender = Some(s);
+            continue;
+        }
+        // Bytes the BufReader read ahead are notices; dropping them is fine.
+        s.set_nonblocking(true)?;
+        let mut stream = TcpStream::from_std(s);
+        poll.registry()
+            .register(&mut stream, Token(readers.len()), Interest::READABLE)?;
+        readers.push((stream, Vec::new(), 0usize));
+    }
+    let mut sender = sender.ok_or_else(|| io::Error::other("no members"))?;
+    let text = "x".repeat(64 - "<m0> \r\n".len());
+    let feeder = std::thread::spawn(move || {
+        for _ in 0..messages {
+            if sender.write_all(format!("{text}\n").as_bytes()).is_err() {
+                break;
+            }
+        }
+        sender
+    });
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let want = messages * readers.len();
+    let mut got = 0;
+    let mut last = start;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < want && Instant::now() < deadline {
+        match poll.poll(&mut events, Some(Duration::from_millis(200))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for event in events.iter() {
+            let (stream, carry, count) = &mut readers[event.token().0];
+            loop {
+                let n = match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                carry.extend_from_slice(&buf[..n]);
+                let mut at = 0;
+                while let Some(nl) = carry[at..].iter().position(|&b| b == b'\n') {
+                    if carry[at..].starts_with(b"<m0> ") {
+                        *count += 1;
+                        got += 1;
+                        last = Instant::now();
+                    }
+                    at += nl + 1;
+                }
+                carry.drain(..at);
+            }
+        }
+    }
+    let _sender = feeder
+        .join()
+        .map_err(|_| io::Error::other("sender panicked"))?;
+    Ok(FanOut {
+        deliveries: got as u64,
+        elapsed: last.duration_since(start),
+        missing: (want - got) as u64,
+    })
+}

@@ -7,6 +7,10 @@
 //! more cores, the generator and the server are pinned to different cores.
 
 pub mod load;
+#[cfg(feature = "tokio-peer")]
+pub mod peer;
+pub mod report;
+pub mod runner;
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader};
@@ -155,7 +159,7 @@ pub fn pin(pid: u32, cpu: usize) -> io::Result<()> {
 }
 
 /// One measured run of one server.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Sample {
     /// Which server.
     pub engine: String,
@@ -163,8 +167,13 @@ pub struct Sample {
     pub rate: f64,
     /// Latency percentiles in microseconds: p50, p99, p99.9, max.
     pub latency_us: [f64; 4],
-    /// Server CPU per request, user and system, in microseconds.
+    /// Server CPU per request, user and system, in microseconds (which is
+    /// also seconds per million requests).
     pub cpu_us: (f64, f64),
+    /// Server resident memory at the end of the run, bytes.
+    pub rss: u64,
+    /// The latency distribution: (fraction of requests, microseconds).
+    pub cdf: Vec<(f64, f64)>,
 }
 
 impl fmt::Display for Sample {
@@ -201,6 +210,7 @@ pub fn measure(
     let before = server.cpu()?;
     let result = load::run(&spec, tick)?;
     let after = server.cpu()?;
+    let rss = server.rss()?;
     let total = spec.warmup + spec.duration;
     let served = result.requests as f64 * total.as_secs_f64() / spec.duration.as_secs_f64();
     let per = |a: Duration, b: Duration| (a - b).as_secs_f64() * 1e6 / served.max(1.0);
@@ -216,8 +226,18 @@ pub fn measure(
             us(h.max()),
         ],
         cpu_us: (per(after.0, before.0), per(after.1, before.1)),
+        rss,
+        cdf: CDF_POINTS
+            .iter()
+            .map(|&q| (q, us(h.value_at_quantile(q))))
+            .collect(),
     })
 }
+
+/// Where the latency CDF is sampled.
+const CDF_POINTS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0,
+];
 
 /// Server memory per idle connection: RSS growth after `count` connections
 /// have each echoed `size` bytes once, divided by `count`.

@@ -1,0 +1,300 @@
+//! Turning measurements into a table, CSV, JSON and SVG charts.
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::runner::{Cell, Churn, Fanout, Idle};
+
+/// Everything one `muxserve bench` invocation measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Results {
+    /// The echo matrix.
+    pub cells: Vec<Cell>,
+    /// Memory per idle connection.
+    pub idle: Vec<Idle>,
+    /// Connection churn.
+    pub churn: Vec<Churn>,
+    /// Chat fan-out.
+    pub fanout: Vec<Fanout>,
+}
+
+/// The human-readable summary: medians per cell, with each engine's rate
+/// and CPU as a ratio to the reference engine (tokio if present, else the
+/// first).
+pub fn table(results: &Results) -> String {
+    let mut out = String::new();
+    let reference = if results.cells.iter().any(|c| c.engine == "tokio") {
+        "tokio"
+    } else {
+        results.cells.first().map_or("", |c| c.engine.as_str())
+    };
+    if !results.cells.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<8} {:>6} {:>6} {:>5} {:>11} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9}",
+            "engine",
+            "conns",
+            "size",
+            "depth",
+            "req/s",
+            "vs ref",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "user µs/r",
+            "total µs/r",
+            "cpu vs",
+            "RSS KiB"
+        );
+    }
+    for cell in &results.cells {
+        let base = results.cells.iter().find(|c| {
+            c.engine == reference
+                && c.conns == cell.conns
+                && c.size == cell.size
+                && c.depth == cell.depth
+        });
+        let rate = cell.median(|s| s.rate);
+        let total = cell.median(|s| s.cpu_us.0 + s.cpu_us.1);
+        let (vs_rate, vs_cpu) = base.map_or((f64::NAN, f64::NAN), |b| {
+            (
+                rate / b.median(|s| s.rate),
+                total / b.median(|s| s.cpu_us.0 + s.cpu_us.1),
+            )
+        });
+        let _ = writeln!(
+            out,
+            "{:<8} {:>6} {:>6} {:>5} {:>11.0} {:>6.2}x {:>9.1} {:>9.1} {:>9.1} {:>10.3} {:>10.3} {:>7.2}x {:>9.0}",
+            cell.engine,
+            cell.conns,
+            cell.size,
+            cell.depth,
+            rate,
+            vs_rate,
+            cell.median(|s| s.latency_us[0]),
+            cell.median(|s| s.latency_us[1]),
+            cell.median(|s| s.latency_us[2]),
+            cell.median(|s| s.cpu_us.0),
+            total,
+            vs_cpu,
+            cell.median(|s| s.rss as f64) / 1024.0
+        );
+    }
+    for i in &results.idle {
+        let _ = writeln!(
+            out,
+            "idle     {:<8} {:>8.0} B of server RSS per connection ({} connections, each echoed once)",
+            i.engine, i.bytes_per_conn, i.conns
+        );
+    }
+    for c in &results.churn {
+        let _ = writeln!(
+            out,
+            "churn    {:<8} {:>8.0} connections/s, {:.1} µs server CPU per connection",
+            c.engine, c.per_second, c.cpu_us
+        );
+    }
+    for f in &results.fanout {
+        let _ = writeln!(
+            out,
+            "fan-out  {:<8} {:>5} members: {:>10.0} deliveries/s ({} missing)",
+            f.engine, f.members, f.per_second, f.missing
+        );
+    }
+    out
+}
+
+/// Writes `results.json`, `samples.csv` and SVG charts into `dir`.
+pub fn write(dir: &Path, results: &Results) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_string_pretty(results).map_err(io::Error::other)?;
+    std::fs::write(dir.join("results.json"), json)?;
+
+    let mut csv = String::from(
+        "engine,conns,size,depth,run,req_per_s,p50_us,p99_us,p999_us,max_us,cpu_user_us_per_req,cpu_sys_us_per_req,rss_bytes\n",
+    );
+    for cell in &results.cells {
+        for (run, s) in cell.samples.iter().enumerate() {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.4},{:.4},{}",
+                cell.engine,
+                cell.conns,
+                cell.size,
+                cell.depth,
+                run,
+                s.rate,
+                s.latency_us[0],
+                s.latency_us[1],
+                s.latency_us[2],
+                s.latency_us[3],
+                s.cpu_us.0,
+                s.cpu_us.1,
+                s.rss
+            );
+        }
+    }
+    std::fs::write(dir.join("samples.csv"), csv)?;
+
+    let mut shapes: Vec<(usize, usize)> = results.cells.iter().map(|c| (c.size, c.depth)).collect();
+    shapes.sort_unstable();
+    shapes.dedup();
+    for (size, depth) in shapes {
+        let path = dir.join(format!("rate_{size}B_depth{depth}.svg"));
+        rate_chart(&path, results, size, depth).map_err(|e| io::Error::other(e.to_string()))?;
+    }
+    if let Some(biggest) = results.cells.iter().map(|c| c.conns).max() {
+        let first = &results.cells[0];
+        let path = dir.join("latency_cdf.svg");
+        cdf_chart(&path, results, biggest, first.size, first.depth)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn engines(results: &Results) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for c in &results.cells {
+        if !names.contains(&c.engine.as_str()) {
+            names.push(&c.engine);
+        }
+    }
+    names
+}
+
+/// Requests/s against connections, one line per engine.
+fn rate_chart(
+    path: &Path,
+    results: &Results,
+    size: usize,
+    depth: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let cells: Vec<&Cell> = results
+        .cells
+        .iter()
+        .filter(|c| c.size == size && c.depth == depth)
+        .collect();
+    let max_conns = cells.iter().map(|c| c.conns).max().unwrap_or(1) as f64;
+    let min_conns = cells.iter().map(|c| c.conns).min().unwrap_or(1) as f64;
+    let max_rate = cells
+        .iter()
+        .map(|c| c.median(|s| s.rate))
+        .fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("echo, {size} B, depth {depth}: requests/s"),
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(80)
+        .build_cartesian_2d(
+            (min_conns / 1.5..max_conns * 1.5).log_scale(),
+            0.0..max_rate * 1.15,
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc("requests/s (median)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .draw()?;
+    for (i, engine) in engines(results).into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mut points: Vec<(f64, f64)> = cells
+            .iter()
+            .filter(|c| c.engine == engine)
+            .map(|c| (c.conns as f64, c.median(|s| s.rate)))
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(engine)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The latency distribution of each engine in one cell.
+fn cdf_chart(
+    path: &Path,
+    results: &Results,
+    conns: usize,
+    size: usize,
+    depth: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let cells: Vec<&Cell> = results
+        .cells
+        .iter()
+        .filter(|c| c.conns == conns && c.size == size && c.depth == depth)
+        .collect();
+    let latencies = || {
+        cells
+            .iter()
+            .filter_map(|c| c.median_sample())
+            .flat_map(|s| s.cdf.iter().map(|p| p.1.max(1.0)))
+    };
+    let max_us = latencies().fold(10.0, f64::max);
+    let min_us = latencies().fold(max_us, f64::min);
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("latency CDF, {conns} connections x {size} B, depth {depth}"),
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d((min_us / 1.2..max_us * 1.2).log_scale(), 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_desc("round-trip latency, µs")
+        .y_desc("fraction of requests")
+        .draw()?;
+    for (i, engine) in engines(results).into_iter().enumerate() {
+        let Some(sample) = cells
+            .iter()
+            .find(|c| c.engine == engine)
+            .and_then(|c| c.median_sample())
+        else {
+            continue;
+        };
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = sample.cdf.iter().map(|&(q, us)| (us.max(1.0), q)).collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(engine)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
