@@ -67,7 +67,9 @@ pub(super) struct Conn {
     /// instead of a 16-byte `Instant`.
     pub last_read: u32,
     pub last_write: u32,
-    pub idle: Option<TimerId>,
+    /// The idle timeout in milliseconds, 0 for none. Checked by the idle
+    /// sweep, not by a timer of its own.
+    pub idle_ms: u32,
 }
 
 impl Conn {
@@ -89,10 +91,8 @@ pub(super) enum TimerKind {
         service: u32,
         conn: ConnId,
     },
-    Idle {
-        conn: ConnId,
-        after: Duration,
-    },
+    /// Close connections that have been idle too long (one timer for all).
+    IdleSweep,
     WriteStall {
         conn: ConnId,
         after: Duration,
@@ -138,6 +138,9 @@ pub(super) struct Core {
     pub write_budget: usize,
     /// The zero of `tick`.
     epoch: Instant,
+    /// How often the idle sweep runs, once some connection has a timeout.
+    sweep_every: Option<Duration>,
+    sweep_timer: Option<TimerId>,
 }
 
 /// Bytes written to one connection per turn before the others get theirs:
@@ -167,6 +170,8 @@ impl Core {
             on_panic: PanicPolicy::default(),
             write_budget: WRITE_BUDGET,
             epoch: Instant::now(),
+            sweep_every: None,
+            sweep_timer: None,
         }
     }
 
@@ -374,9 +379,6 @@ impl Core {
             return;
         }
         let c = self.conns.remove(id.index());
-        if let Some(t) = c.idle {
-            self.timers.cancel(t);
-        }
         // Closing the descriptor would remove it from epoll too, but not
         // from the select/poll facade's tables: say it explicitly.
         let _ = poller.deregister(c.stream.fd());
@@ -385,20 +387,56 @@ impl Core {
         }
     }
 
-    /// Arms or replaces a connection's idle timer.
-    pub fn arm_idle(&mut self, id: ConnId, after: Option<Duration>, from: Instant) {
+    /// Sets a connection's idle timeout, and makes sure the sweep runs
+    /// often enough for it.
+    pub fn set_idle(&mut self, id: ConnId, after: Option<Duration>) {
         let Some(c) = lookup(&mut self.conns, id) else {
             return;
         };
-        if let Some(t) = c.idle.take() {
-            self.timers.cancel(t);
+        // At least 1 ms (0 means off), at most 49 days.
+        c.idle_ms = after.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
+        if let Some(after) = after {
+            let every = (after / 4).clamp(MIN_SWEEP, MAX_SWEEP);
+            if self.sweep_every.is_none_or(|current| every < current) {
+                if let Some(old) = self.sweep_timer.take() {
+                    self.timers.cancel(old);
+                }
+                self.sweep_every = Some(every);
+                let at = self.now + every;
+                self.sweep_timer = Some(self.timers.insert(at, Some(every), TimerKind::IdleSweep));
+            }
         }
-        c.idle = after.map(|after| {
-            self.timers
-                .insert(from + after, None, TimerKind::Idle { conn: id, after })
-        });
+    }
+
+    /// Requests a close of every connection quiet for longer than its idle
+    /// timeout. O(connections), a few times a second at most: a few
+    /// microseconds for 10,000 connections, and no timer per connection.
+    pub fn sweep_idle(&mut self) {
+        let now = self.tick(self.now);
+        let mut idle = Vec::new();
+        for (index, c) in self.conns.iter() {
+            if c.idle_ms == 0 || c.has(CLOSING | LINGER) {
+                continue;
+            }
+            let quiet = now
+                .wrapping_sub(c.last_read)
+                .min(now.wrapping_sub(c.last_write));
+            if quiet >= c.idle_ms {
+                idle.push(ConnId::new(index, c.gen));
+            }
+        }
+        for id in idle {
+            self.request_close(id, CloseMode::Flush, CloseReason::IdleTimeout);
+        }
     }
 }
+
+/// The idle sweep runs every quarter of the shortest idle timeout, but not
+/// more often than this...
+const MIN_SWEEP: Duration = Duration::from_millis(10);
+/// ...nor less often than this, so every idle close lands within a second
+/// of its deadline.
+const MAX_SWEEP: Duration = Duration::from_secs(1);
 
 fn lookup(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
     conns.get_mut(id.index()).filter(|c| c.gen == id.gen())
@@ -551,8 +589,7 @@ impl Driver for Core {
     }
 
     fn set_idle_timeout(&mut self, id: ConnId, timeout: Option<Duration>) {
-        let now = self.now;
-        self.arm_idle(id, timeout, now);
+        self.set_idle(id, timeout);
     }
 
     fn set_timer(

@@ -706,10 +706,10 @@ impl Server {
             peer,
             last_read: tick,
             last_write: tick,
-            idle: None,
+            idle_ms: 0,
         });
         let idle = core.limits[s].idle_timeout;
-        core.arm_idle(id, idle, core.now);
+        core.set_idle(id, idle);
         core.stats.accepted += 1;
         core.stats.active += 1;
         core.stats.peak = core.stats.peak.max(core.stats.active);
@@ -891,24 +891,7 @@ impl Server {
                         self.core.timers.cancel(timer);
                     }
                 }
-                TimerKind::Idle { conn, after } => {
-                    let Some(c) = self.core.get_mut(conn) else {
-                        continue;
-                    };
-                    if c.idle != Some(timer) || c.has(CLOSING | LINGER) {
-                        continue;
-                    }
-                    c.idle = None;
-                    let (last_read, last_write) = (c.last_read, c.last_write);
-                    let quiet = self.core.since(last_read).min(self.core.since(last_write));
-                    if quiet >= after {
-                        self.core
-                            .request_close(conn, CloseMode::Flush, CloseReason::IdleTimeout);
-                    } else {
-                        // There was traffic: sleep until the new deadline.
-                        self.core.arm_idle(conn, Some(after), now - quiet);
-                    }
-                }
+                TimerKind::IdleSweep => self.core.sweep_idle(),
                 TimerKind::WriteStall { conn, after } => {
                     let Some(c) = self.core.get(conn) else {
                         continue;
