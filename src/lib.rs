@@ -26,17 +26,27 @@
 //! Read in this order:
 //!
 //! 1. `examples/echo.rs`: the smallest complete server, then
-//!    `examples/raw_mio_echo.rs`, the same thing with mio and slab only.
-//! 2. [`engine`]: the loop ([`Server::run_once`]), how it accepts, reads,
-//!    writes and closes, and what every engine owes a service.
+//!    `examples/raw_mio_echo.rs`, the same thing with mio and slab only,
+//!    and `examples/select_echo.rs`, the same again on `select()`.
+//! 2. [`engine`]: what every engine owes a service, then the loop
+//!    ([`Server::run_once`]): how it accepts, reads, writes and closes.
+//!    The connection bookkeeping is shared by the mio and select/poll
+//!    engines; [`ThreadedServer`] is the thread-per-connection baseline.
 //! 3. [`buffer`]: the bytes a connection holds, and why an idle one holds
 //!    none.
-//! 4. [`service`]: the [`Service`] trait and the [`Context`] callbacks use.
-//! 5. [`services`]: the built-in protocols, each a few lines on top.
+//! 4. [`service`]: the [`Service`] trait and the [`Context`] callbacks use;
+//!    [`DatagramService`](service::DatagramService) for UDP and Unix
+//!    datagrams.
+//! 5. [`codec`] and [`framed`]: messages out of a byte stream, each with a
+//!    limit.
+//! 6. [`services`]: the built-in protocols (echo, discard, daytime, time,
+//!    stamp, chat), each a few lines on top.
 //!
-//! Beside them: [`config`] (limits, and why each number), [`timer`]
-//! (deadlines for the poll timeout), [`stats`] (counters), [`net`]
-//! (addresses and socket creation).
+//! Beside them: [`select`] (a portable `select()`/`Selector` facade),
+//! [`auth`] (HMAC challenge-response for any service) and [`client`],
+//! [`config`] (limits, and why each number), [`timer`], [`stats`], [`net`]
+//! (addresses and socket creation), [`testing`] (a service without
+//! sockets) and [`bench`] (what `muxserve bench` runs).
 //!
 //! # Glossary
 //!

@@ -506,7 +506,7 @@ impl Server {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        self.core.now = Instant::now();
+        self.core.set_now(Instant::now());
         for i in 0..self.events.len() {
             let event = self.events[i];
             self.dispatch(event);
@@ -687,7 +687,7 @@ impl Server {
             }
         }
         let gen = core.next_gen();
-        let tick = core.tick(core.now);
+        let tick = core.tick();
         let entry = core.conns.vacant_entry();
         let id = ConnId::new(entry.key(), gen);
         if let Err(e) = self.poller.register(stream.fd(), token(id), Interest::Read) {
@@ -755,7 +755,7 @@ impl Server {
             ..
         } = self;
         let poller = &mut **poller;
-        let core_tick = core.tick(core.now);
+        let core_tick = core.tick();
         for _ in 0..config.reads_per_wakeup {
             let Some(c) = core.get_mut(id) else {
                 return;
@@ -1052,7 +1052,7 @@ impl Server {
     }
 
     fn begin_shutdown(&mut self) {
-        self.core.now = Instant::now();
+        self.core.set_now(Instant::now());
         let open = self.core.conns.len();
         log::info!(
             "shutting down: no new connections; {open} open get {:?} to finish",
@@ -1089,7 +1089,7 @@ impl Server {
 
     /// Grace is over: one last flush, then close everything.
     fn cut_off_all(&mut self) {
-        self.core.now = Instant::now();
+        self.core.set_now(Instant::now());
         let ids: Vec<ConnId> = self
             .core
             .conns
@@ -1207,7 +1207,11 @@ fn deliver(
             h.data(cx, key, &mut input)
         });
         let rest = &data[input.consumed()..];
-        if let (false, Some(c)) = (rest.is_empty(), core.get_mut(id)) {
+        if rest.is_empty() {
+            return;
+        }
+        // A closing connection will never be shown its input again.
+        if let Some(c) = core.get_mut(id).filter(|c| !c.has(CLOSING)) {
             c.input.extend_from_slice(rest);
         }
     } else {
@@ -1219,10 +1223,10 @@ fn deliver(
         });
         let consumed = input.consumed();
         buf.drain(..consumed);
-        if buf.is_empty() {
-            buf = Vec::new(); // give the memory back
-        }
         if let Some(c) = core.get_mut(id) {
+            if buf.is_empty() || c.has(CLOSING) {
+                buf = Vec::new(); // give the memory back
+            }
             c.input = buf;
         }
     }
