@@ -301,6 +301,48 @@ pub(crate) fn udp_socket(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
     Ok(mio::net::UdpSocket::from_std(socket.into()))
 }
 
+/// A listening stream socket as std makes it, before an engine adopts it
+/// (the loop engines hand it to mio; the thread engine uses it as it is).
+#[derive(Debug)]
+pub(crate) enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl StdListener {
+    pub(crate) fn fd(&self) -> RawFd {
+        match self {
+            StdListener::Tcp(l) => l.as_raw_fd(),
+            StdListener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+/// Creates the listener for a stream endpoint: TCP with our backlog and
+/// send buffer, Unix with mode 0700 (replacing a stale socket file).
+/// Returns it and where it really listens (the port the kernel chose).
+pub(crate) fn stream_listener(
+    endpoint: &Endpoint,
+    backlog: i32,
+    send_buffer: Option<usize>,
+) -> io::Result<(StdListener, Endpoint)> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let l = tcp_listener(*addr, backlog, send_buffer)?;
+            let local = l.local_addr()?;
+            Ok((StdListener::Tcp(l), Endpoint::Tcp(local)))
+        }
+        Endpoint::Unix(path) => {
+            let socket = unix_socket(path, Type::STREAM, DEFAULT_SOCKET_MODE, backlog)?;
+            Ok((StdListener::Unix(socket.into()), endpoint.clone()))
+        }
+        Endpoint::Udp(_) | Endpoint::UnixDatagram(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{endpoint} is a datagram endpoint; a stream service needs tcp:// or unix://"),
+        )),
+    }
+}
+
 /// A TCP listener with our backlog and `SO_REUSEADDR` (so a restarted
 /// server can bind while old connections sit in TIME_WAIT).
 pub(crate) fn tcp_listener(

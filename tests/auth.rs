@@ -133,21 +133,7 @@ impl Write for Recorder {
     }
 }
 
-macro_rules! on_every_engine {
-    ($($module:ident => $engine:expr),* $(,)?) => {$(
-        mod $module {
-            use super::*;
-            #[test] fn every_failure_looks_the_same() { super::every_failure_looks_the_same($engine) }
-        }
-    )*};
-}
-
-on_every_engine! {
-    mio => Engine::Mio,
-    poll => Engine::Poll,
-    select => Engine::Select,
-    threads => Engine::Threads,
-}
+on_every_engine!(every_failure_looks_the_same);
 
 #[test]
 fn a_client_that_never_answers_is_closed_in_time() {

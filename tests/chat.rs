@@ -28,6 +28,16 @@ fn join(addr: SocketAddr, nick: &str) -> LineClient {
     c
 }
 
+/// Joins a member that will never read, with a small receive window.
+fn join_hog(addr: SocketAddr) -> LineClient {
+    let mut hog = LineClient::from_stream(small_window_client(addr));
+    hog.expect("* welcome to muxserve chat");
+    hog.expect("nickname?");
+    hog.send("hog");
+    hog.line();
+    hog
+}
+
 #[test]
 fn nicknames_are_negotiated() {
     let server = start_one(Chat::new().service());
@@ -132,15 +142,7 @@ fn a_member_that_never_reads_is_evicted_and_slows_no_one() {
     });
     let addr = server.addr();
 
-    // The hog: a 4 KiB receive buffer, so the kernel absorbs little for it.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let mut hog = LineClient::from_stream(socket.into());
-    hog.expect("* welcome to muxserve chat");
-    hog.expect("nickname?");
-    hog.send("hog");
-    hog.line();
+    let hog = join_hog(addr);
 
     let received: Arc<Vec<AtomicUsize>> =
         Arc::new((0..MEMBERS).map(|_| AtomicUsize::new(0)).collect());
@@ -251,14 +253,7 @@ fn on_threads_a_member_that_never_reads_stalls_others_one_write_timeout_at_most(
             .unwrap()]
     });
     let addr = server.addr();
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let mut hog = LineClient::from_stream(socket.into());
-    hog.expect("* welcome to muxserve chat");
-    hog.expect("nickname?");
-    hog.send("hog");
-    hog.line();
+    let hog = join_hog(addr);
 
     let ready = Arc::new(Barrier::new(MEMBERS + 1));
     let members: Vec<_> = (0..MEMBERS)

@@ -157,38 +157,13 @@ fn udp_echo_time_daytime(engine: Engine) {
     assert_ctime_now(line.strip_suffix("\r\n").expect("CRLF"));
 }
 
-macro_rules! on_every_loop_engine {
-    ($($module:ident => $engine:expr),* $(,)?) => {$(
-        mod $module {
-            use super::*;
-            #[test] fn udp_echo_time_daytime() { super::udp_echo_time_daytime($engine) }
-        }
-    )*};
-}
+on_engines!([mio_udp => Mio, poll_udp => Poll, select_udp => Select] (udp_echo_time_daytime));
 
-on_every_loop_engine! {
-    mio_udp => Engine::Mio,
-    poll_udp => Engine::Poll,
-    select_udp => Engine::Select,
-}
-
-macro_rules! on_every_engine {
-    ($($module:ident => $engine:expr),* $(,)?) => {$(
-        mod $module {
-            use super::*;
-            #[test] fn echo_bytes() { super::echo_bytes($engine) }
-            #[test] fn echo_half_close() { super::echo_half_close($engine) }
-            #[test] fn daytime_line_then_eof() { super::daytime_line_then_eof($engine) }
-            #[test] fn time_four_bytes_then_eof() { super::time_four_bytes_then_eof($engine) }
-            #[test] fn stamp_lines_in_order() { super::stamp_lines_in_order($engine) }
-            #[test] fn chat_three_members() { super::chat_three_members($engine) }
-        }
-    )*};
-}
-
-on_every_engine! {
-    mio => Engine::Mio,
-    poll => Engine::Poll,
-    select => Engine::Select,
-    threads => Engine::Threads,
-}
+on_every_engine!(
+    echo_bytes,
+    echo_half_close,
+    daytime_line_then_eof,
+    time_four_bytes_then_eof,
+    stamp_lines_in_order,
+    chat_three_members,
+);

@@ -13,30 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use muxserve::config::PanicPolicy;
 use muxserve::services::{Echo, Stamp, Zone};
-use muxserve::{Config, Context, Input, Server, Service};
-
-/// Steps `server` from the test thread until `done` (bounded).
-fn step_until(server: &mut Server, limit: Duration, mut done: impl FnMut(&Server) -> bool) {
-    let end = Instant::now() + limit;
-    while !done(server) {
-        assert!(Instant::now() < end, "timed out");
-        server.run_once(Some(Duration::from_millis(5))).unwrap();
-    }
-}
-
-/// Runs `client` on its own thread while the test thread steps `server`.
-fn with_clients<T: Send + 'static>(
-    server: &mut Server,
-    client: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let handle = thread::spawn(client);
-    let end = Instant::now() + Duration::from_secs(60);
-    while !handle.is_finished() {
-        assert!(Instant::now() < end, "clients did not finish");
-        server.run_once(Some(Duration::from_millis(5))).unwrap();
-    }
-    handle.join().expect("client thread failed")
-}
+use muxserve::{Config, Server};
 
 #[test]
 fn over_max_connections_clients_get_an_error_line_then_eof() {
@@ -209,19 +186,6 @@ fn a_peer_whose_output_stalls_is_dropped_after_the_write_timeout() {
     assert_eq!(report.stats.write_timeouts, 1, "{}", report.stats);
 }
 
-/// Echoes, but panics on a line that says "boom".
-struct Fragile;
-
-impl Service for Fragile {
-    type Session = ();
-    fn on_connect(&mut self, _cx: &mut Context<'_>) {}
-    fn on_data(&mut self, cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
-        let data = input.take();
-        assert!(!data.starts_with(b"boom"), "boom requested");
-        cx.write(data);
-    }
-}
-
 #[test]
 fn the_shutdown_policy_stops_the_server_after_a_panic() {
     let mut config = Config::default();
@@ -237,14 +201,4 @@ fn the_shutdown_policy_stops_the_server_after_a_panic() {
     step_until(&mut server, Duration::from_secs(10), |s| s.is_finished());
     assert_eq!(server.report().stats.panics, 1);
     client.join().unwrap();
-}
-
-/// Reads to EOF; a reset also counts as the end.
-fn read_to_end_or_reset(c: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    match c.read_to_end(&mut out) {
-        Ok(_) => out,
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => out,
-        Err(e) => panic!("read: {e}"),
-    }
 }

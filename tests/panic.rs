@@ -3,26 +3,12 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use muxserve::{Config, Context, Engine, Input, Server, Service};
-
-/// Echoes, but panics on a line that says "boom".
-struct Fragile;
-
-impl Service for Fragile {
-    type Session = ();
-    fn on_connect(&mut self, _cx: &mut Context<'_>) {}
-    fn on_data(&mut self, cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
-        let data = input.take();
-        assert!(!data.starts_with(b"boom"), "boom requested");
-        cx.write(data);
-    }
-}
+use muxserve::{Config, Engine, Server};
 
 fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -54,36 +40,5 @@ fn a_panicking_callback_costs_one_connection_on_every_loop_engine() {
         });
         assert_eq!(open_descriptors(), baseline, "{engine}: descriptors leaked");
         assert_eq!(server.buffered().capacity, 0);
-    }
-}
-
-/// Reads to EOF; a reset also counts as the end.
-fn read_to_end_or_reset(c: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    match c.read_to_end(&mut out) {
-        Ok(_) => out,
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => out,
-        Err(e) => panic!("read: {e}"),
-    }
-}
-
-fn with_clients<T: Send + 'static>(
-    server: &mut Server,
-    client: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let handle = thread::spawn(client);
-    let end = Instant::now() + Duration::from_secs(60);
-    while !handle.is_finished() {
-        assert!(Instant::now() < end, "clients did not finish");
-        server.run_once(Some(Duration::from_millis(5))).unwrap();
-    }
-    handle.join().expect("client thread failed")
-}
-
-fn step_until(server: &mut Server, limit: Duration, mut done: impl FnMut(&Server) -> bool) {
-    let end = Instant::now() + limit;
-    while !done(server) {
-        assert!(Instant::now() < end, "timed out");
-        server.run_once(Some(Duration::from_millis(5))).unwrap();
     }
 }

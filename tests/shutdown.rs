@@ -11,7 +11,9 @@ use common::*;
 use muxserve::services::{Builtin, Options};
 use muxserve::Config;
 
-fn graceful_shutdown_cuts_off_idle_connections_after_grace(engine: Engine) {
+/// Requests in flight finish; idle connections are cut off when the grace
+/// period ends and reported; the listener is gone.
+fn graceful_shutdown(engine: Engine) {
     let grace = Duration::from_millis(500);
     let mut config = Config::default();
     config.grace = grace;
@@ -47,18 +49,4 @@ fn graceful_shutdown_cuts_off_idle_connections_after_grace(engine: Engine) {
     );
 }
 
-macro_rules! on_every_engine {
-    ($($module:ident => $engine:expr),* $(,)?) => {$(
-        mod $module {
-            use super::*;
-            #[test] fn graceful_shutdown() { graceful_shutdown_cuts_off_idle_connections_after_grace($engine) }
-        }
-    )*};
-}
-
-on_every_engine! {
-    mio => Engine::Mio,
-    poll => Engine::Poll,
-    select => Engine::Select,
-    threads => Engine::Threads,
-}
+on_every_engine!(graceful_shutdown);

@@ -71,15 +71,6 @@ impl Service for Clock {
     }
 }
 
-/// Steps `server` until `done` or `limit`; the test thread is the loop.
-fn step_until(server: &mut Server, limit: Duration, mut done: impl FnMut(&Server) -> bool) {
-    let end = Instant::now() + limit;
-    while !done(server) {
-        assert!(Instant::now() < end, "timed out");
-        server.run_once(Some(Duration::from_millis(5))).unwrap();
-    }
-}
-
 /// Steps `server` for `time`.
 fn step_for(server: &mut Server, time: Duration) {
     let end = Instant::now() + time;

@@ -29,7 +29,7 @@ use crate::buffer::{Input, OutBuf};
 use crate::config::{
     Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, REFLECTOR_PORTS,
 };
-use crate::net::{self, DgramSocket, Endpoint, Stream, StreamListener, ToEndpoint};
+use crate::net::{self, DgramSocket, Endpoint, StdListener, Stream, StreamListener, ToEndpoint};
 use crate::select::{Backend, FD_SETSIZE};
 use crate::service::{
     CloseMode, CloseReason, ConnId, Context, DatagramContext, DatagramDriver, DatagramService,
@@ -375,34 +375,11 @@ impl Server {
         service: S,
         limits: Limits,
     ) -> io::Result<Endpoint> {
-        let (listener, bound) = match &endpoint {
-            Endpoint::Tcp(addr) => {
-                let l = net::tcp_listener(*addr, self.config.backlog, limits.send_buffer)?;
-                let local = l.local_addr()?;
-                (
-                    StreamListener::Tcp(mio::net::TcpListener::from_std(l)),
-                    Endpoint::Tcp(local),
-                )
-            }
-            Endpoint::Unix(path) => {
-                let socket = net::unix_socket(
-                    path,
-                    socket2::Type::STREAM,
-                    net::DEFAULT_SOCKET_MODE,
-                    self.config.backlog,
-                )?;
-                let std: std::os::unix::net::UnixListener = socket.into();
-                let l = mio::net::UnixListener::from_std(std);
-                (StreamListener::Unix(l), endpoint.clone())
-            }
-            Endpoint::Udp(_) | Endpoint::UnixDatagram(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                    "{endpoint} is a datagram endpoint; a stream service needs tcp:// or unix://"
-                ),
-                ))
-            }
+        let (listener, bound) =
+            net::stream_listener(&endpoint, self.config.backlog, limits.send_buffer)?;
+        let listener = match listener {
+            StdListener::Tcp(l) => StreamListener::Tcp(mio::net::TcpListener::from_std(l)),
+            StdListener::Unix(l) => StreamListener::Unix(mio::net::UnixListener::from_std(l)),
         };
         let index = self.services.len();
         self.poller

@@ -24,7 +24,6 @@
 use std::io::{self, Read};
 use std::mem;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -39,7 +38,7 @@ use super::server::{SHUTDOWN, STOP};
 use super::{contain, Admission, Handle, Handler, Hosted, Report};
 use crate::buffer::Input;
 use crate::config::{Config, Limits, PanicPolicy};
-use crate::net::{self, Endpoint, ToEndpoint, SEND_FLAGS};
+use crate::net::{self, Endpoint, StdListener, ToEndpoint, SEND_FLAGS};
 use crate::select::{Backend, Interest, Selector};
 use crate::service::{CloseMode, CloseReason, ConnId, Context, Driver, PeerAddr, Service};
 use crate::stats::Stats;
@@ -386,29 +385,16 @@ impl std::fmt::Debug for ThreadedServer {
     }
 }
 
-enum StdListener {
-    Tcp(std::net::TcpListener),
-    Unix(std::os::unix::net::UnixListener),
-}
-
-impl StdListener {
-    fn fd(&self) -> RawFd {
-        match self {
-            StdListener::Tcp(l) => l.as_raw_fd(),
-            StdListener::Unix(l) => l.as_raw_fd(),
+/// Accepts one connection on a blocking-mode std listener.
+fn accept(listener: &StdListener) -> io::Result<(StdStream, PeerAddr)> {
+    match listener {
+        StdListener::Tcp(l) => {
+            let (s, a) = l.accept()?;
+            Ok((StdStream::Tcp(s), PeerAddr::Inet(a)))
         }
-    }
-
-    fn accept(&self) -> io::Result<(StdStream, PeerAddr)> {
-        match self {
-            StdListener::Tcp(l) => {
-                let (s, a) = l.accept()?;
-                Ok((StdStream::Tcp(s), PeerAddr::Inet(a)))
-            }
-            StdListener::Unix(l) => {
-                let (s, a) = l.accept()?;
-                Ok((StdStream::Unix(s), PeerAddr::from_unix(&a)))
-            }
+        StdListener::Unix(l) => {
+            let (s, a) = l.accept()?;
+            Ok((StdStream::Unix(s), PeerAddr::from_unix(&a)))
         }
     }
 }
@@ -463,28 +449,14 @@ impl ThreadedServer {
         S: Service + Send + 'static,
         S::Session: Send,
     {
-        let (listener, bound) = match &endpoint {
-            Endpoint::Tcp(addr) => {
-                let l = net::tcp_listener(*addr, self.config.backlog, limits.send_buffer)?;
-                let local = l.local_addr()?;
-                (StdListener::Tcp(l), Endpoint::Tcp(local))
-            }
-            Endpoint::Unix(path) => {
-                let socket = net::unix_socket(
-                    path,
-                    socket2::Type::STREAM,
-                    net::DEFAULT_SOCKET_MODE,
-                    self.config.backlog,
-                )?;
-                (StdListener::Unix(socket.into()), endpoint.clone())
-            }
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("the threads engine serves streams only, not {endpoint}"),
-                ))
-            }
-        };
+        if !endpoint.is_stream() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("the threads engine serves streams only, not {endpoint}"),
+            ));
+        }
+        let (listener, bound) =
+            net::stream_listener(&endpoint, self.config.backlog, limits.send_buffer)?;
         log::info!("threads engine listening on {bound}");
         let index = self.handlers.len();
         self.listeners.push((listener, index, bound.clone()));
@@ -579,7 +551,7 @@ impl ThreadedServer {
     ) -> io::Result<()> {
         let (listener, service, _) = &self.listeners[index];
         loop {
-            let (stream, peer) = match listener.accept() {
+            let (stream, peer) = match accept(listener) {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -667,9 +639,13 @@ impl ThreadedServer {
             self.config.grace
         );
         for s in 0..shared.handlers.len() {
-            run_callback(shared, ConnId::NONE, s, None, now, None, |h, cx| {
-                h.shutdown(cx)
-            });
+            let at = Origin {
+                shared,
+                me: ConnId::NONE,
+                service: s,
+                peer: None,
+            };
+            run_callback(&at, None, now, |h, cx| h.shutdown(cx));
         }
         let deadline = now + self.config.grace;
         let mut report = Report::default();
@@ -695,17 +671,27 @@ impl ThreadedServer {
     }
 }
 
-/// Runs one callback under the service lock, then sends what it produced.
-#[allow(clippy::too_many_arguments)]
-fn run_callback(
-    shared: &Shared,
+/// Whom a callback is about: a connection, or (`me` NONE) a service.
+struct Origin<'a> {
+    shared: &'a Shared,
     me: ConnId,
     service: usize,
+    peer: Option<&'a PeerAddr>,
+}
+
+/// Runs one callback under the service lock, then sends what it produced.
+fn run_callback(
+    at: &Origin<'_>,
     conn: Option<&mut ConnState>,
     now: Instant,
-    peer: Option<&PeerAddr>,
     f: impl FnOnce(&mut dyn Handler, &mut Context<'_>),
 ) {
+    let Origin {
+        shared,
+        me,
+        service,
+        peer,
+    } = *at;
     let mut out = Outcome::default();
     let (mut no_close, mut no_pause, mut no_idle) = (None, false, None);
     {
@@ -772,6 +758,12 @@ struct ConnState {
 
 /// The life of one connection, on its own thread.
 fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAddr) {
+    let at = Origin {
+        shared,
+        me,
+        service,
+        peer: Some(&peer),
+    };
     let mut st = ConnState {
         close: None,
         paused: false,
@@ -779,15 +771,9 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
         timers: Timers::new(),
     };
     let mut key = 0;
-    run_callback(
-        shared,
-        me,
-        service,
-        Some(&mut st),
-        Instant::now(),
-        Some(&peer),
-        |h, cx| key = h.connect(cx),
-    );
+    run_callback(&at, Some(&mut st), Instant::now(), |h, cx| {
+        key = h.connect(cx)
+    });
     let max_input = shared.limits[service].max_input;
     let mut buf = vec![0u8; shared.read_chunk];
     let mut input: Vec<u8> = Vec::new();
@@ -801,15 +787,7 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
         }
         let now = Instant::now();
         if let Some((timer, ())) = st.timers.pop_expired(now) {
-            run_callback(
-                shared,
-                me,
-                service,
-                Some(&mut st),
-                now,
-                Some(&peer),
-                |h, cx| h.timer(cx, key, timer),
-            );
+            run_callback(&at, Some(&mut st), now, |h, cx| h.timer(cx, key, timer));
             continue;
         }
         let idle_at = st.idle.map(|d| last_active + d);
@@ -848,15 +826,7 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
                     break;
                 }
                 eof = true;
-                run_callback(
-                    shared,
-                    me,
-                    service,
-                    Some(&mut st),
-                    Instant::now(),
-                    Some(&peer),
-                    |h, cx| h.eof(cx, key),
-                );
+                run_callback(&at, Some(&mut st), Instant::now(), |h, cx| h.eof(cx, key));
                 continue;
             }
             Ok(n) => n,
@@ -882,15 +852,9 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
         // Same rule as the loop: unconsumed bytes are shown again first.
         input.extend_from_slice(&buf[..n]);
         let mut view = Input::new(&input);
-        run_callback(
-            shared,
-            me,
-            service,
-            Some(&mut st),
-            last_active,
-            Some(&peer),
-            |h, cx| h.data(cx, key, &mut view),
-        );
+        run_callback(&at, Some(&mut st), last_active, |h, cx| {
+            h.data(cx, key, &mut view)
+        });
         let consumed = view.consumed();
         input.drain(..consumed);
         if input.len() > max_input {
@@ -902,15 +866,9 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
         .take()
         .unwrap_or((CloseMode::Flush, CloseReason::Closed));
     st.close = Some((mode, why));
-    run_callback(
-        shared,
-        me,
-        service,
-        Some(&mut st),
-        Instant::now(),
-        Some(&peer),
-        |h, cx| h.close(cx, key, why),
-    );
+    run_callback(&at, Some(&mut st), Instant::now(), |h, cx| {
+        h.close(cx, key, why)
+    });
     finish(shared, me, io, mode, why, eof);
 }
 
@@ -961,9 +919,13 @@ fn service_timers(shared: &Shared) {
         let now = Instant::now();
         if let Some((timer, service)) = timers.pop_expired(now) {
             drop(timers);
-            run_callback(shared, ConnId::NONE, service, None, now, None, |h, cx| {
-                h.service_timer(cx, timer)
-            });
+            let at = Origin {
+                shared,
+                me: ConnId::NONE,
+                service,
+                peer: None,
+            };
+            run_callback(&at, None, now, |h, cx| h.service_timer(cx, timer));
             timers = lock(&shared.service_timers);
             continue;
         }

@@ -36,24 +36,20 @@ pub struct TestServer {
 impl TestServer {
     /// The first TCP address.
     pub fn addr(&self) -> SocketAddr {
-        self.endpoints
-            .iter()
-            .find_map(|e| match e {
-                Endpoint::Tcp(a) => Some(*a),
-                _ => None,
-            })
-            .expect("no TCP endpoint")
+        self.first(|e| matches!(e, Endpoint::Tcp(_)))
     }
 
     /// The first UDP address.
     pub fn udp(&self) -> SocketAddr {
+        self.first(|e| matches!(e, Endpoint::Udp(_)))
+    }
+
+    fn first(&self, kind: impl Fn(&Endpoint) -> bool) -> SocketAddr {
         self.endpoints
             .iter()
-            .find_map(|e| match e {
-                Endpoint::Udp(a) => Some(*a),
-                _ => None,
-            })
-            .expect("no UDP endpoint")
+            .find(|e| kind(e))
+            .and_then(Endpoint::socket_addr)
+            .expect("no endpoint of that kind")
     }
 
     pub fn handle(&self) -> Handle {
@@ -373,3 +369,96 @@ pub fn udp_client() -> std::net::UdpSocket {
 
 /// Where test servers listen: loopback, a port the kernel picks.
 pub const LOOPBACK: &str = "127.0.0.1:0";
+
+/// Steps `server` from the test thread until `done` (bounded by `limit`).
+pub fn step_until(server: &mut Server, limit: Duration, mut done: impl FnMut(&Server) -> bool) {
+    let end = Instant::now() + limit;
+    while !done(server) {
+        assert!(Instant::now() < end, "timed out");
+        server.run_once(Some(Duration::from_millis(5))).unwrap();
+    }
+}
+
+/// Runs `client` on its own thread while the test thread steps `server`,
+/// and returns what the client returned.
+pub fn with_clients<T: Send + 'static>(
+    server: &mut Server,
+    client: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let handle = thread::spawn(client);
+    let end = Instant::now() + Duration::from_secs(60);
+    while !handle.is_finished() {
+        assert!(Instant::now() < end, "clients did not finish");
+        server.run_once(Some(Duration::from_millis(5))).unwrap();
+    }
+    handle.join().expect("client thread failed")
+}
+
+/// Reads to EOF; a reset also counts as the end.
+pub fn read_to_end_or_reset(c: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    match c.read_to_end(&mut out) {
+        Ok(_) => out,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => out,
+        Err(e) => panic!("read: {e}"),
+    }
+}
+
+/// A TCP client with a 4 KiB receive buffer, so the kernel absorbs little
+/// of what is sent to it: the shape of a peer that stops reading.
+pub fn small_window_client(addr: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// Defines one test per engine for each scenario `fn(Engine)`:
+/// `on_engines!([mio => Mio, poll => Poll] (scenario_a, scenario_b));`
+#[macro_export]
+macro_rules! on_engines {
+    ([$($module:ident => $engine:ident),* $(,)?] $scenarios:tt) => {
+        $( $crate::engine_module!($module, $engine, $scenarios); )*
+    };
+}
+
+/// One module of tests for one engine (used by `on_engines!`).
+#[macro_export]
+macro_rules! engine_module {
+    ($module:ident, $engine:ident, ($($scenario:ident),* $(,)?)) => {
+        mod $module {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario(muxserve::Engine::$engine)
+                }
+            )*
+        }
+    };
+}
+
+/// Every scenario on all four engines.
+#[macro_export]
+macro_rules! on_every_engine {
+    ($($scenario:ident),* $(,)?) => {
+        $crate::on_engines!([mio => Mio, poll => Poll, select => Select, threads => Threads] ($($scenario),*));
+    };
+}
+
+/// Echoes, but panics on input that starts with "boom".
+pub struct Fragile;
+
+impl Service for Fragile {
+    type Session = ();
+    fn on_connect(&mut self, _cx: &mut muxserve::Context<'_>) {}
+    fn on_data(
+        &mut self,
+        cx: &mut muxserve::Context<'_>,
+        _: &mut (),
+        input: &mut muxserve::Input<'_>,
+    ) {
+        let data = input.take();
+        assert!(!data.starts_with(b"boom"), "boom requested");
+        cx.write(data);
+    }
+}
