@@ -44,7 +44,7 @@ mod threads;
 mod core;
 mod server;
 
-pub use self::server::{BoundAddr, Buffered, Handle, Report, Server};
+pub use self::server::{Buffered, Handle, Report, Server};
 pub use self::threads::{ThreadConfig, ThreadedServer};
 
 /// Which engine runs the services.

@@ -141,8 +141,6 @@ pub struct Buffered {
     pub capacity: usize,
 }
 
-/// Where a server ended up after `bind`, e.g. the real port of `:0`.
-pub type BoundAddr = Endpoint;
 
 /// One listener and the service behind it.
 struct Bound {
