@@ -142,7 +142,7 @@ impl Builtin {
             Builtin::Echo => "every byte comes back",
             Builtin::Discard => "everything is read and dropped",
             Builtin::Daytime => "one line with the date and time",
-            Builtin::Time => "4 bytes: seconds since 1900 (try: rdate -p -o PORT 127.0.0.1)",
+            Builtin::Time => "4 bytes: seconds since 1900-01-01 UTC, big-endian",
             Builtin::Stamp => "each line comes back as [time] line",
             Builtin::Chat => "a chat room: send a nickname, then talk; /help",
         }
