@@ -17,9 +17,7 @@ impl Service for Echo {
 
 fn main() -> std::io::Result<()> {
     let mut server = Server::new()?;
-    println!(
-        "echo: {}",
-        server.bind("127.0.0.1:7007", Echo)?.how_to_connect()
-    );
+    let bound = server.bind("127.0.0.1:7007", Echo)?;
+    println!("echo: {}", bound.how_to_connect());
     server.run().map(drop)
 }

@@ -141,7 +141,6 @@ pub struct Buffered {
     pub capacity: usize,
 }
 
-
 /// One listener and the service behind it.
 struct Bound {
     /// `None` once shutdown began.
