@@ -88,14 +88,23 @@ pub fn start<F>(setup: F) -> TestServer
 where
     F: FnOnce() -> (Server, Vec<Endpoint>) + Send + 'static,
 {
+    spawn_server("server".into(), move |ready| {
+        let (mut server, addrs) = setup();
+        ready.send((server.handle(), addrs)).expect("test gone");
+        server.run()
+    })
+}
+
+/// Runs `body` on a server thread; `body` says where it listens through
+/// `ready`, then serves until stopped.
+fn spawn_server<B>(name: String, body: B) -> TestServer
+where
+    B: FnOnce(mpsc::Sender<(Handle, Vec<Endpoint>)>) -> io::Result<Report> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel();
     let thread = thread::Builder::new()
-        .name("server".into())
-        .spawn(move || {
-            let (mut server, addrs) = setup();
-            tx.send((server.handle(), addrs)).expect("test gone");
-            server.run()
-        })
+        .name(name)
+        .spawn(move || body(tx))
         .expect("spawn server thread");
     let (handle, endpoints) = rx
         .recv_timeout(Duration::from_secs(10))
@@ -278,41 +287,29 @@ pub fn start_host_with<F>(engine: Engine, config: muxserve::Config, bind: F) -> 
 where
     F: FnOnce(&mut dyn HostBind) -> Vec<Endpoint> + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel();
-    let thread = thread::Builder::new()
-        .name(format!("{engine} server"))
-        .spawn(move || {
-            fn go<H: muxserve::Host + HostBind>(
-                mut host: H,
-                bind: impl FnOnce(&mut dyn HostBind) -> Vec<Endpoint>,
-                tx: mpsc::Sender<(Handle, Vec<Endpoint>)>,
-            ) -> io::Result<Report> {
-                let endpoints = bind(&mut host);
-                tx.send((host.handle(), endpoints)).expect("test gone");
-                host.run()
-            }
-            match engine {
-                Engine::Threads => go(
-                    muxserve::ThreadedServer::new(config, Default::default()).expect("server"),
-                    bind,
-                    tx,
-                ),
-                loop_engine => go(
-                    Server::with_engine(loop_engine, config).expect("server"),
-                    bind,
-                    tx,
-                ),
-            }
-        })
-        .expect("spawn server thread");
-    let (handle, endpoints) = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("server did not start");
-    TestServer {
-        endpoints,
-        handle,
-        thread: Some(thread),
-    }
+    spawn_server(format!("{engine} server"), move |tx| {
+        fn go<H: muxserve::Host + HostBind>(
+            mut host: H,
+            bind: impl FnOnce(&mut dyn HostBind) -> Vec<Endpoint>,
+            tx: mpsc::Sender<(Handle, Vec<Endpoint>)>,
+        ) -> io::Result<Report> {
+            let endpoints = bind(&mut host);
+            tx.send((host.handle(), endpoints)).expect("test gone");
+            host.run()
+        }
+        match engine {
+            Engine::Threads => go(
+                muxserve::ThreadedServer::new(config, Default::default()).expect("server"),
+                bind,
+                tx,
+            ),
+            loop_engine => go(
+                Server::with_engine(loop_engine, config).expect("server"),
+                bind,
+                tx,
+            ),
+        }
+    })
 }
 
 /// Object-safe binding of the built-in services, so tests can bind on an
