@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::buffer::Input;
+use crate::codec::{Encoder, FrameError};
 use crate::timer::TimerId;
 
 /// Names one connection for as long as it lives, and never a later one.
@@ -242,6 +243,8 @@ pub(crate) trait Driver {
     fn protocol_error(&mut self);
     /// Counts a message received whole.
     fn frame_in(&mut self);
+    /// Counts a message sent whole.
+    fn frame_out(&mut self);
     /// The frame timeout of a connection's listener.
     fn frame_timeout(&self, id: ConnId) -> Option<Duration>;
     /// Bytes queued for a connection and not yet accepted by the kernel.
@@ -265,6 +268,14 @@ pub(crate) trait Driver {
     /// Starts a graceful shutdown of the whole server.
     fn stop(&mut self);
 }
+
+thread_local! {
+    /// Where `send_frame` encodes, reused so a frame costs no allocation.
+    static FRAME_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `FRAME_BUF` is shrunk back to this after an unusually large frame.
+const FRAME_BUF_KEEP: usize = 64 * 1024;
 
 /// The service's window on the engine during one callback.
 ///
@@ -316,6 +327,42 @@ impl<'a> Context<'a> {
     /// during the callback.
     pub fn write(&mut self, bytes: &[u8]) {
         self.driver.write(self.id, bytes);
+    }
+
+    /// Encodes `frame` with `encoder` and queues it for the current
+    /// connection, counting it in the `frames_out` statistic. An `Err` means
+    /// the encoder refused the frame (too long, or containing its
+    /// delimiter); nothing was written.
+    pub fn write_frame<E: Encoder + ?Sized>(
+        &mut self,
+        encoder: &mut E,
+        frame: &[u8],
+    ) -> Result<(), FrameError> {
+        let id = self.id;
+        self.send_frame(id, encoder, frame).map(drop)
+    }
+
+    /// Like [`write_frame`](Context::write_frame), for any connection;
+    /// `Ok(false)` if it is gone or closing.
+    pub fn send_frame<E: Encoder + ?Sized>(
+        &mut self,
+        to: ConnId,
+        encoder: &mut E,
+        frame: &[u8],
+    ) -> Result<bool, FrameError> {
+        FRAME_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            encoder.encode(frame, &mut buf)?;
+            let sent = self.driver.write(to, &buf);
+            if sent {
+                self.driver.frame_out();
+            }
+            if buf.capacity() > FRAME_BUF_KEEP {
+                buf.shrink_to(FRAME_BUF_KEEP);
+            }
+            Ok(sent)
+        })
     }
 
     /// Queues bytes for another connection of any service. Returns `false`

@@ -74,6 +74,8 @@ stats! {
     bytes_out,
     /// Messages received whole by framed services.
     frames_in,
+    /// Messages sent through `Context::write_frame`/`send_frame`.
+    frames_out,
     /// Datagrams received.
     datagrams_in,
     /// Datagrams sent.

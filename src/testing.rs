@@ -346,6 +346,10 @@ impl Driver for State {
         self.stats.frames_in += 1;
     }
 
+    fn frame_out(&mut self) {
+        self.stats.frames_out += 1;
+    }
+
     fn frame_timeout(&self, _id: ConnId) -> Option<Duration> {
         None
     }
@@ -416,5 +420,8 @@ mod tests {
         let out = String::from_utf8(h.take_output(a)).unwrap();
         assert_eq!(out, "* bob left\r\n");
         assert_eq!(h.close_reason(b), Some(CloseReason::Closed));
+        // Lines in: ann, bob, "hi there", /quit. Lines out to others:
+        // the join, the message, the leave.
+        assert_eq!((h.stats().frames_in, h.stats().frames_out), (4, 3));
     }
 }

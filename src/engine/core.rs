@@ -572,6 +572,10 @@ impl Driver for Core {
         self.stats.frames_in += 1;
     }
 
+    fn frame_out(&mut self) {
+        self.stats.frames_out += 1;
+    }
+
     fn frame_timeout(&self, id: ConnId) -> Option<Duration> {
         let c = self.get(id)?;
         self.limits[c.service as usize].frame_timeout

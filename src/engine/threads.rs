@@ -301,6 +301,10 @@ impl Driver for ThreadDriver<'_> {
         lock(&self.shared.stats).frames_in += 1;
     }
 
+    fn frame_out(&mut self) {
+        lock(&self.shared.stats).frames_out += 1;
+    }
+
     fn frame_timeout(&self, id: ConnId) -> Option<Duration> {
         (id == self.me)
             .then(|| self.shared.limits[self.service].frame_timeout)

@@ -111,8 +111,8 @@ impl Chat {
         Framed::new(Delimited::lines(MAX_LINE).overlong(Overlong::Skip), self)
     }
 
-    /// Sends `line` to every member but `except`, evicting members that
-    /// have fallen too far behind.
+    /// Sends `line` (without its line end) to every member but `except`,
+    /// evicting members that have fallen too far behind.
     fn tell_others(&mut self, cx: &mut Context<'_>, except: Option<ConnId>, line: &str) {
         let now = cx.now();
         for member in self.members.values_mut() {
@@ -136,7 +136,7 @@ impl Chat {
         cx.write(welcome.as_bytes());
         // Members may stay silent for hours: no idle timeout for them.
         cx.set_idle_timeout(None);
-        self.tell_others(cx, None, &format!("* {nick} joined\r\n"));
+        self.tell_others(cx, None, &format!("* {nick} joined"));
         self.members.insert(
             nick.to_string(),
             Member {
@@ -181,7 +181,7 @@ impl Chat {
                 self.members.insert(arg.to_string(), member);
                 s.nick = Some(arg.to_string());
                 cx.write(format!("* you are now {arg}\r\n").as_bytes());
-                self.tell_others(cx, me, &format!("* {nick} is now known as {arg}\r\n"));
+                self.tell_others(cx, me, &format!("* {nick} is now known as {arg}"));
             }
             "/who" => {
                 let names: Vec<&str> = self.members.keys().map(String::as_str).collect();
@@ -193,7 +193,7 @@ impl Chat {
                 cx.write(line.as_bytes());
             }
             "/me" if !arg.is_empty() => {
-                self.tell_others(cx, me, &format!("* {nick} {arg}\r\n"));
+                self.tell_others(cx, me, &format!("* {nick} {arg}"));
             }
             "/msg" => {
                 let Some((to, text)) = arg.split_once(' ') else {
@@ -202,7 +202,7 @@ impl Chat {
                 let now = cx.now();
                 match self.members.get_mut(to) {
                     Some(member) => {
-                        let line = format!("*{nick}* {}\r\n", text.trim());
+                        let line = format!("*{nick}* {}", text.trim());
                         deliver(cx, member, line.as_bytes(), &self.caps, now);
                     }
                     None => cx.write(format!("error: no such nickname {to}\r\n").as_bytes()),
@@ -223,10 +223,18 @@ impl Chat {
     }
 }
 
-/// Queues `line` for `member`, enforcing the output caps.
+/// Queues one line (given without its line end) for `member`, enforcing
+/// the output caps.
 fn deliver(cx: &mut Context<'_>, member: &mut Member, line: &[u8], caps: &Caps, now: Instant) {
-    if !cx.send(member.id, line) {
-        return; // already closing
+    // Lines out may be a little longer than lines in (the "<nick> " prefix).
+    let mut lines = Delimited::lines(MAX_LINE + 64);
+    match cx.send_frame(member.id, &mut lines, line) {
+        Ok(true) => {}
+        Ok(false) => return, // already closing
+        Err(e) => {
+            log::debug!("chat line not sent: {e}");
+            return;
+        }
     }
     let pending = cx.output_len_of(member.id).unwrap_or(0);
     if pending > caps.hard {
@@ -270,7 +278,7 @@ impl FrameService for Chat {
         }
         let text = line.strip_prefix('/').unwrap_or(line);
         if !text.is_empty() {
-            self.tell_others(cx, Some(cx.id()), &format!("<{nick}> {text}\r\n"));
+            self.tell_others(cx, Some(cx.id()), &format!("<{nick}> {text}"));
         }
     }
 
@@ -289,11 +297,11 @@ impl FrameService for Chat {
             (None, CloseReason::Closed) => String::new(),
             (None, why) => format!(" ({why})"),
         };
-        self.tell_others(cx, None, &format!("* {nick} left{reason}\r\n"));
+        self.tell_others(cx, None, &format!("* {nick} left{reason}"));
     }
 
     fn on_shutdown(&mut self, cx: &mut Context<'_>) {
-        self.tell_others(cx, None, "* the server is shutting down; goodbye\r\n");
+        self.tell_others(cx, None, "* the server is shutting down; goodbye");
         for member in self.members.values() {
             cx.close_conn(member.id);
         }

@@ -30,12 +30,12 @@ impl FrameService for Stamp {
     fn on_connect(&mut self, _cx: &mut Context<'_>) {}
 
     fn on_frame(&mut self, cx: &mut Context<'_>, _: &mut (), line: &[u8]) {
-        let stamp = ctime(SystemTime::now(), self.zone);
-        cx.write(b"[");
-        cx.write(stamp.as_bytes());
-        cx.write(b"] ");
-        cx.write(line);
-        cx.write(b"\r\n");
+        let mut reply = format!("[{}] ", ctime(SystemTime::now(), self.zone)).into_bytes();
+        reply.extend_from_slice(line);
+        // Replies may be a little longer than requests (the time stamp).
+        if let Err(e) = cx.write_frame(&mut Delimited::lines(MAX_LINE + 64), &reply) {
+            cx.write(format!("error: {e}\r\n").as_bytes());
+        }
     }
 
     fn on_frame_error(&mut self, cx: &mut Context<'_>, _: &mut (), err: &FrameError) {
