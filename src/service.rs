@@ -214,6 +214,25 @@ pub trait Service {
     }
 }
 
+/// The counters a service (rather than the engine) raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Counter {
+    ProtocolError,
+    FrameIn,
+    FrameOut,
+}
+
+impl Counter {
+    /// The field of `Stats` this counter adds to.
+    pub(crate) fn field(self, stats: &mut crate::Stats) -> &mut u64 {
+        match self {
+            Counter::ProtocolError => &mut stats.protocol_errors,
+            Counter::FrameIn => &mut stats.frames_in,
+            Counter::FrameOut => &mut stats.frames_out,
+        }
+    }
+}
+
 /// How a connection should end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CloseMode {
@@ -239,12 +258,8 @@ pub(crate) trait Driver {
     fn evict(&mut self, id: ConnId, notice: &[u8]);
     /// Whether a close was requested, and whether reading is paused.
     fn state(&self, id: ConnId) -> Option<(bool, bool)>;
-    /// Counts a protocol error.
-    fn protocol_error(&mut self);
-    /// Counts a message received whole.
-    fn frame_in(&mut self);
-    /// Counts a message sent whole.
-    fn frame_out(&mut self);
+    /// Adds one to a counter services can raise.
+    fn count(&mut self, counter: Counter);
     /// The frame timeout of a connection's listener.
     fn frame_timeout(&self, id: ConnId) -> Option<Duration>;
     /// Bytes queued for a connection and not yet accepted by the kernel.
@@ -356,7 +371,7 @@ impl<'a> Context<'a> {
             encoder.encode(frame, &mut buf)?;
             let sent = self.driver.write(to, &buf);
             if sent {
-                self.driver.frame_out();
+                self.driver.count(Counter::FrameOut);
             }
             if buf.capacity() > FRAME_BUF_KEEP {
                 buf.shrink_to(FRAME_BUF_KEEP);
@@ -424,11 +439,11 @@ impl<'a> Context<'a> {
     /// Counts a protocol error (bad frame, bad command) in the server's
     /// stats.
     pub fn protocol_error(&mut self) {
-        self.driver.protocol_error();
+        self.driver.count(Counter::ProtocolError);
     }
 
     pub(crate) fn frame_in(&mut self) {
-        self.driver.frame_in();
+        self.driver.count(Counter::FrameIn);
     }
 
     /// The frame timeout of the current connection's listener.

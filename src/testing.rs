@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use crate::buffer::Input;
-use crate::service::{CloseMode, CloseReason, ConnId, Context, Driver, PeerAddr, Service};
+use crate::service::{CloseMode, CloseReason, ConnId, Context, Counter, Driver, PeerAddr, Service};
 use crate::stats::Stats;
 use crate::timer::{TimerId, Timers};
 
@@ -218,17 +218,11 @@ impl<S: Service> Harness<S> {
     }
 
     fn conn(&self, id: ConnId) -> Option<&Conn> {
-        self.state
-            .conns
-            .get(id.index())
-            .filter(|c| c.gen == id.gen())
+        live(&self.state.conns, id)
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.state
-            .conns
-            .get_mut(id.index())
-            .filter(|c| c.gen == id.gen())
+        live_mut(&mut self.state.conns, id)
     }
 
     fn open_conn(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -283,13 +277,22 @@ impl<S: Service> Harness<S> {
     }
 }
 
+/// The connection `id` names, if it is still the one in that slot.
+fn live(conns: &Slab<Conn>, id: ConnId) -> Option<&Conn> {
+    conns.get(id.index()).filter(|c| c.gen == id.gen())
+}
+
+fn live_mut(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
+    conns.get_mut(id.index()).filter(|c| c.gen == id.gen())
+}
+
 impl Driver for State {
     fn now(&self) -> Instant {
         self.now
     }
 
     fn write(&mut self, to: ConnId, bytes: &[u8]) -> bool {
-        match self.conns.get_mut(to.index()).filter(|c| c.gen == to.gen()) {
+        match live_mut(&mut self.conns, to) {
             Some(c) if c.closing.is_none() && c.closed.is_none() => {
                 c.output.extend_from_slice(bytes);
                 true
@@ -311,7 +314,7 @@ impl Driver for State {
     }
 
     fn close(&mut self, id: ConnId, mode: CloseMode, reason: CloseReason) {
-        if let Some(c) = self.conns.get_mut(id.index()).filter(|c| c.gen == id.gen()) {
+        if let Some(c) = live_mut(&mut self.conns, id) {
             if c.closed.is_none() {
                 match (c.closing, mode) {
                     (None, _) | (Some((CloseMode::Flush, _)), CloseMode::Abort) => {
@@ -324,7 +327,7 @@ impl Driver for State {
     }
 
     fn evict(&mut self, id: ConnId, notice: &[u8]) {
-        if let Some(c) = self.conns.get_mut(id.index()).filter(|c| c.gen == id.gen()) {
+        if let Some(c) = live_mut(&mut self.conns, id) {
             if c.closed.is_none() && c.closing.is_none() {
                 c.output.clear();
                 c.output.extend_from_slice(notice);
@@ -334,20 +337,12 @@ impl Driver for State {
     }
 
     fn state(&self, id: ConnId) -> Option<(bool, bool)> {
-        let c = self.conns.get(id.index()).filter(|c| c.gen == id.gen())?;
+        let c = live(&self.conns, id)?;
         Some((c.closing.is_some() || c.closed.is_some(), c.paused))
     }
 
-    fn protocol_error(&mut self) {
-        self.stats.protocol_errors += 1;
-    }
-
-    fn frame_in(&mut self) {
-        self.stats.frames_in += 1;
-    }
-
-    fn frame_out(&mut self) {
-        self.stats.frames_out += 1;
+    fn count(&mut self, counter: Counter) {
+        *counter.field(&mut self.stats) += 1;
     }
 
     fn frame_timeout(&self, _id: ConnId) -> Option<Duration> {
@@ -356,21 +351,15 @@ impl Driver for State {
 
     fn output_len(&self, id: ConnId) -> Option<usize> {
         // Nothing is ever sent: "pending" output is everything not taken.
-        self.conns
-            .get(id.index())
-            .filter(|c| c.gen == id.gen())
-            .map(|c| c.output.len())
+        live(&self.conns, id).map(|c| c.output.len())
     }
 
     fn peer(&self, id: ConnId) -> Option<&PeerAddr> {
-        self.conns
-            .get(id.index())
-            .filter(|c| c.gen == id.gen())
-            .map(|c| &c.peer)
+        live(&self.conns, id).map(|c| &c.peer)
     }
 
     fn set_reading(&mut self, id: ConnId, on: bool) {
-        if let Some(c) = self.conns.get_mut(id.index()).filter(|c| c.gen == id.gen()) {
+        if let Some(c) = live_mut(&mut self.conns, id) {
             c.paused = !on;
         }
     }

@@ -11,7 +11,7 @@ use super::{Interest, Poller, GEN_MASK};
 use crate::buffer::OutBuf;
 use crate::config::{Limits, PanicPolicy};
 use crate::net::Stream;
-use crate::service::{CloseMode, CloseReason, ConnId, Driver, PeerAddr};
+use crate::service::{CloseMode, CloseReason, ConnId, Counter, Driver, PeerAddr};
 use crate::stats::Stats;
 use crate::timer::{TimerId, Timers};
 
@@ -564,16 +564,8 @@ impl Driver for Core {
         Some((c.has(CLOSING | LINGER), c.has(PAUSED | BACKPRESSURED)))
     }
 
-    fn protocol_error(&mut self) {
-        self.stats.protocol_errors += 1;
-    }
-
-    fn frame_in(&mut self) {
-        self.stats.frames_in += 1;
-    }
-
-    fn frame_out(&mut self) {
-        self.stats.frames_out += 1;
+    fn count(&mut self, counter: Counter) {
+        *counter.field(&mut self.stats) += 1;
     }
 
     fn frame_timeout(&self, id: ConnId) -> Option<Duration> {

@@ -40,7 +40,7 @@ use crate::buffer::Input;
 use crate::config::{Config, Limits, PanicPolicy};
 use crate::net::{self, Endpoint, StdListener, ToEndpoint, SEND_FLAGS};
 use crate::select::{Backend, Interest, Selector};
-use crate::service::{CloseMode, CloseReason, ConnId, Context, Driver, PeerAddr, Service};
+use crate::service::{CloseMode, CloseReason, ConnId, Context, Counter, Driver, PeerAddr, Service};
 use crate::stats::Stats;
 use crate::timer::{TimerId, Timers};
 
@@ -293,16 +293,8 @@ impl Driver for ThreadDriver<'_> {
         }
     }
 
-    fn protocol_error(&mut self) {
-        lock(&self.shared.stats).protocol_errors += 1;
-    }
-
-    fn frame_in(&mut self) {
-        lock(&self.shared.stats).frames_in += 1;
-    }
-
-    fn frame_out(&mut self) {
-        lock(&self.shared.stats).frames_out += 1;
+    fn count(&mut self, counter: Counter) {
+        *counter.field(&mut lock(&self.shared.stats)) += 1;
     }
 
     fn frame_timeout(&self, id: ConnId) -> Option<Duration> {
