@@ -18,8 +18,9 @@
 //!   period, then shuts their sockets down, which unblocks every thread,
 //!   and joins them.
 //!
-//! Output never queues in user space here (`output_len` is 0): backpressure
-//! is the kernel's socket buffer plus the blocking write.
+//! Output queues in user space only between a callback and the flush that
+//! follows it: backpressure is the kernel's socket buffer plus the blocking
+//! write.
 
 use std::io::{self, Read};
 use std::mem;
@@ -118,10 +119,17 @@ impl StdStream {
 }
 
 /// What every thread may touch of another connection.
+///
+/// Writes are queued while the writer holds the service lock, so the queue
+/// holds them in the order the callbacks ran; they are sent after the lock
+/// is released, by whichever thread gets to `flush` first. Sending straight
+/// from each thread after the lock would let a later callback's line
+/// overtake an earlier one.
 struct PeerIo {
     stream: StdStream,
-    /// Serialises writers, so messages from different threads never
-    /// interleave.
+    /// Bytes written to it and not sent yet, oldest first.
+    queued: Mutex<Vec<u8>>,
+    /// Held while sending, so batches leave whole and in order.
     write_lock: Mutex<()>,
     /// A write to it timed out or failed: skip it from now on.
     dead: AtomicBool,
@@ -130,28 +138,50 @@ struct PeerIo {
 }
 
 impl PeerIo {
-    /// Writes under the lock; a failure marks the connection dead and shuts
-    /// its socket, which wakes its thread to close it.
-    fn write(&self, bytes: &[u8]) -> bool {
+    fn new(stream: StdStream) -> PeerIo {
+        PeerIo {
+            stream,
+            queued: Mutex::new(Vec::new()),
+            write_lock: Mutex::new(()),
+            dead: AtomicBool::new(false),
+            close_request: Mutex::new(None),
+        }
+    }
+
+    /// Queues bytes (called under the service lock). False if it is dead.
+    fn queue(&self, bytes: &[u8]) -> bool {
         if self.dead.load(Ordering::SeqCst) {
             return false;
         }
+        lock(&self.queued).extend_from_slice(bytes);
+        true
+    }
+
+    /// Sends everything queued, in order; returns the bytes sent. A failure
+    /// marks the connection dead and shuts its socket, which wakes its
+    /// thread to close it.
+    fn flush(&self) -> u64 {
         let _guard = lock(&self.write_lock);
-        if self.dead.load(Ordering::SeqCst) {
-            return false;
-        }
-        match self.stream.send_all(bytes) {
-            Ok(()) => true,
-            Err(e) => {
-                log::debug!("write failed, dropping the connection: {e}");
-                let why = match e.kind() {
-                    io::ErrorKind::TimedOut => CloseReason::WriteTimeout,
-                    kind => CloseReason::Error(kind),
-                };
-                lock(&self.close_request).get_or_insert((CloseMode::Abort, why));
-                self.dead.store(true, Ordering::SeqCst);
-                self.stream.shutdown(Shutdown::Both);
-                false
+        let mut sent = 0;
+        loop {
+            let batch = std::mem::take(&mut *lock(&self.queued));
+            if batch.is_empty() || self.dead.load(Ordering::SeqCst) {
+                return sent;
+            }
+            match self.stream.send_all(&batch) {
+                Ok(()) => sent += batch.len() as u64,
+                Err(e) => {
+                    log::debug!("write failed, dropping the connection: {e}");
+                    let why = match e.kind() {
+                        io::ErrorKind::TimedOut => CloseReason::WriteTimeout,
+                        kind => CloseReason::Error(kind),
+                    };
+                    lock(&self.close_request).get_or_insert((CloseMode::Abort, why));
+                    self.dead.store(true, Ordering::SeqCst);
+                    lock(&self.queued).clear();
+                    self.stream.shutdown(Shutdown::Both);
+                    return sent;
+                }
             }
         }
     }
@@ -204,15 +234,9 @@ impl Shared {
     }
 }
 
-/// What one callback produced; carried out after the service lock is
-/// released.
-#[derive(Default)]
-struct Outcome {
-    /// Bytes for the thread's own connection.
-    own: Vec<u8>,
-    /// Bytes for other connections.
-    others: Vec<(Arc<PeerIo>, Vec<u8>)>,
-}
+/// Other connections a callback queued bytes for: flushed after the
+/// service lock is released.
+type Outbox = Vec<Arc<PeerIo>>;
 
 /// One connection's view, lent to `Context` during callbacks.
 struct ThreadDriver<'a> {
@@ -220,8 +244,10 @@ struct ThreadDriver<'a> {
     me: ConnId,
     service: usize,
     peer: Option<&'a PeerAddr>,
+    /// The current connection's queue (None for service callbacks).
+    io: Option<&'a PeerIo>,
     now: Instant,
-    out: &'a mut Outcome,
+    out: &'a mut Outbox,
     close: &'a mut Option<(CloseMode, CloseReason)>,
     paused: &'a mut bool,
     idle: &'a mut Option<Duration>,
@@ -235,15 +261,11 @@ impl Driver for ThreadDriver<'_> {
 
     fn write(&mut self, to: ConnId, bytes: &[u8]) -> bool {
         if to == self.me {
-            if self.close.is_some() {
-                return false;
-            }
-            self.out.own.extend_from_slice(bytes);
-            return true;
+            return self.close.is_none() && self.io.is_some_and(|io| io.queue(bytes));
         }
         match self.shared.peer(to) {
-            Some(io) if !io.dead.load(Ordering::SeqCst) => {
-                self.out.others.push((io, bytes.to_vec()));
+            Some(io) if io.queue(bytes) => {
+                self.out.push(io);
                 true
             }
             _ => false,
@@ -258,14 +280,15 @@ impl Driver for ThreadDriver<'_> {
             if p.service != service || Some(id) == except || p.io.dead.load(Ordering::SeqCst) {
                 continue;
             }
-            if id == self.me {
-                if self.close.is_none() {
-                    self.out.own.extend_from_slice(bytes);
-                }
-            } else {
-                self.out.others.push((Arc::clone(&p.io), bytes.to_vec()));
+            if id == self.me && self.close.is_some() {
+                continue;
             }
-            sent += 1;
+            if p.io.queue(bytes) {
+                if id != self.me {
+                    self.out.push(Arc::clone(&p.io));
+                }
+                sent += 1;
+            }
         }
         sent
     }
@@ -304,8 +327,14 @@ impl Driver for ThreadDriver<'_> {
     }
 
     fn output_len(&self, id: ConnId) -> Option<usize> {
-        // Writes block until the kernel takes them: nothing queues here.
-        (id == self.me || self.shared.peer(id).is_some()).then_some(0)
+        // Bytes queued and not yet handed to the kernel; writes block, so
+        // this is only ever what callbacks queued since the last flush.
+        let io = match (id == self.me, self.io) {
+            (true, Some(io)) => return Some(lock(&io.queued).len()),
+            _ => self.shared.peer(id)?,
+        };
+        let queued = lock(&io.queued).len();
+        Some(queued)
     }
 
     fn peer(&self, id: ConnId) -> Option<&PeerAddr> {
@@ -573,12 +602,7 @@ impl ThreadedServer {
             if let (StdStream::Tcp(_), true) = (&stream, self.config.nodelay) {
                 let _ = sock.set_nodelay(true);
             }
-            let io = Arc::new(PeerIo {
-                stream,
-                write_lock: Mutex::new(()),
-                dead: AtomicBool::new(false),
-                close_request: Mutex::new(None),
-            });
+            let io = Arc::new(PeerIo::new(stream));
             let gen = shared.next_gen();
             let index = lock(&shared.conns).insert(Peer {
                 gen,
@@ -640,6 +664,7 @@ impl ThreadedServer {
                 me: ConnId::NONE,
                 service: s,
                 peer: None,
+                io: None,
             };
             run_callback(&at, None, now, |h, cx| h.shutdown(cx));
         }
@@ -673,6 +698,7 @@ struct Origin<'a> {
     me: ConnId,
     service: usize,
     peer: Option<&'a PeerAddr>,
+    io: Option<&'a PeerIo>,
 }
 
 /// Runs one callback under the service lock, then sends what it produced.
@@ -687,8 +713,9 @@ fn run_callback(
         me,
         service,
         peer,
+        io,
     } = *at;
-    let mut out = Outcome::default();
+    let mut out = Outbox::new();
     let (mut no_close, mut no_pause, mut no_idle) = (None, false, None);
     {
         let (close, paused, idle, timers) = match conn {
@@ -705,6 +732,7 @@ fn run_callback(
             me,
             service,
             peer,
+            io,
             now,
             out: &mut out,
             close,
@@ -713,11 +741,15 @@ fn run_callback(
             timers,
         };
         let mut handler = lock(&shared.handlers[service]);
+        let mark = io.map_or(0, |io| lock(&io.queued).len());
         if let Err(message) =
             contain(|| f(&mut **handler, &mut Context::new(&mut driver, me, service)))
         {
             log::error!("a service callback for {me} panicked: {message}");
-            driver.out.own.clear();
+            // Drop what the failed callback wrote to its own connection.
+            if let Some(io) = io {
+                lock(&io.queued).truncate(mark);
+            }
             lock(&shared.stats).panics += 1;
             if me != ConnId::NONE {
                 driver
@@ -729,18 +761,13 @@ fn run_callback(
             }
         }
     }
-    // The lock is released: now the I/O.
-    if !out.own.is_empty() {
-        if let Some(io) = shared.peer(me) {
-            if io.write(&out.own) {
-                lock(&shared.stats).bytes_out += out.own.len() as u64;
-            }
-        }
+    // The lock is released: now the I/O, in the order it was queued.
+    let mut sent = io.map_or(0, PeerIo::flush);
+    for other in &out {
+        sent += other.flush();
     }
-    for (io, bytes) in out.others {
-        if io.write(&bytes) {
-            lock(&shared.stats).bytes_out += bytes.len() as u64;
-        }
+    if sent > 0 {
+        lock(&shared.stats).bytes_out += sent;
     }
 }
 
@@ -759,6 +786,7 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
         me,
         service,
         peer: Some(&peer),
+        io: Some(io),
     };
     let mut st = ConnState {
         close: None,
@@ -920,6 +948,7 @@ fn service_timers(shared: &Shared) {
                 me: ConnId::NONE,
                 service,
                 peer: None,
+                io: None,
             };
             run_callback(&at, None, now, |h, cx| h.service_timer(cx, timer));
             timers = lock(&shared.service_timers);
