@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -147,7 +147,7 @@ fn a_member_that_never_reads_is_evicted_and_slows_no_one() {
     let received: Arc<Vec<AtomicUsize>> =
         Arc::new((0..MEMBERS).map(|_| AtomicUsize::new(0)).collect());
     let sent: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
-    let ready = Arc::new(Barrier::new(MEMBERS + 1));
+    let ready = Arc::new(Gate::new(MEMBERS + 1));
     let members: Vec<_> = (0..MEMBERS)
         .map(|i| {
             let (ready, received, sent) =
@@ -255,7 +255,7 @@ fn on_threads_a_member_that_never_reads_stalls_others_one_write_timeout_at_most(
     let addr = server.addr();
     let hog = join_hog(addr);
 
-    let ready = Arc::new(Barrier::new(MEMBERS + 1));
+    let ready = Arc::new(Gate::new(MEMBERS + 1));
     let members: Vec<_> = (0..MEMBERS)
         .map(|i| {
             let ready = Arc::clone(&ready);

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ fn a_thousand_concurrent_clients_each_echo_64_kib() {
     const CLIENTS: usize = 1000;
     let server = start_one(Echo);
     let addr = server.addr();
-    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let barrier = Arc::new(Gate::new(CLIENTS));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let barrier = Arc::clone(&barrier);

@@ -459,3 +459,41 @@ impl Service for Fragile {
         cx.write(data);
     }
 }
+
+/// A barrier that gives up: if a party dies before arriving, the others
+/// fail after `GATE_TIMEOUT` instead of waiting for ever.
+pub struct Gate {
+    arrived: std::sync::Mutex<usize>,
+    all_in: std::sync::Condvar,
+    parties: usize,
+}
+
+/// How long a `Gate` waits for everyone.
+pub const GATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Gate {
+    pub fn new(parties: usize) -> Gate {
+        Gate {
+            arrived: std::sync::Mutex::new(0),
+            all_in: std::sync::Condvar::new(),
+            parties,
+        }
+    }
+
+    /// Arrives and waits for the others (panics after `GATE_TIMEOUT`).
+    pub fn wait(&self) {
+        let mut arrived = self.arrived.lock().unwrap();
+        *arrived += 1;
+        self.all_in.notify_all();
+        let (arrived, timeout) = self
+            .all_in
+            .wait_timeout_while(arrived, GATE_TIMEOUT, |n| *n < self.parties)
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "only {} of {} arrived",
+            *arrived,
+            self.parties
+        );
+    }
+}
