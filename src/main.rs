@@ -296,7 +296,7 @@ fn serve_on<H: Host>(
     for line in lines {
         println!("{line}");
     }
-    if let Err(e) = stop_on_signals(server.handle()) {
+    if let Err(e) = server.stop_on_signals() {
         log::warn!("cannot watch for signals, Ctrl-C will not stop gracefully: {e}");
     }
     match server.run() {
@@ -306,28 +306,6 @@ fn serve_on<H: Host>(
             ExitCode::FAILURE
         }
     }
-}
-
-/// First SIGINT/SIGTERM: graceful shutdown. Second: stop at once.
-fn stop_on_signals(handle: muxserve::Handle) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut seen = 0;
-            for signal in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    log::info!("signal {signal}: shutting down gracefully (again to stop now)");
-                    handle.shutdown();
-                } else {
-                    log::info!("signal {signal}: stopping now");
-                    handle.stop();
-                }
-            }
-        })?;
-    Ok(())
 }
 
 fn bench(args: BenchArgs) -> ExitCode {

@@ -43,6 +43,7 @@ mod threads;
 
 mod core;
 mod server;
+mod signals;
 
 pub use self::server::{Buffered, Handle, Report, Server};
 pub use self::threads::{ThreadConfig, ThreadedServer};
@@ -105,6 +106,10 @@ pub trait Host {
     /// A handle that stops the server from another thread.
     fn handle(&self) -> Handle;
 
+    /// Makes SIGINT and SIGTERM stop the server: the first gracefully, a
+    /// second at once.
+    fn stop_on_signals(&mut self) -> io::Result<()>;
+
     /// Serves until shut down.
     fn run(&mut self) -> io::Result<Report>;
 }
@@ -140,6 +145,10 @@ impl Host for Server {
 
     fn handle(&self) -> Handle {
         Server::handle(self)
+    }
+
+    fn stop_on_signals(&mut self) -> io::Result<()> {
+        Server::stop_on_signals(self)
     }
 
     fn run(&mut self) -> io::Result<Report> {
@@ -183,6 +192,10 @@ impl Host for ThreadedServer {
 
     fn handle(&self) -> Handle {
         ThreadedServer::handle(self)
+    }
+
+    fn stop_on_signals(&mut self) -> io::Result<()> {
+        signals::watch_in_thread(ThreadedServer::handle(self))
     }
 
     fn run(&mut self) -> io::Result<Report> {
@@ -259,6 +272,9 @@ compile_error!("muxserve packs connection generations into mio tokens and needs 
 pub(crate) const LISTENER_BIT: usize = 1 << 63;
 pub(crate) const DGRAM_BIT: usize = 1 << 62;
 pub(crate) const WAKE_TOKEN: usize = usize::MAX;
+/// The self-pipe of [`Server::stop_on_signals`]; matched before the
+/// listener bit, which it also has.
+pub(crate) const SIGNAL_TOKEN: usize = usize::MAX - 1;
 /// Generations wrap at 2^30 so that they never reach the socket bits.
 pub(crate) const GEN_MASK: u32 = (1 << 30) - 1;
 

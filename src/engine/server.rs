@@ -20,10 +20,11 @@ use super::core::{
 };
 use super::mio::MioPoller;
 use super::select::FacadePoller;
+use super::signals::SignalPipe;
 use super::Engine;
 use super::{
     contain, Admission, Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT, LISTENER_BIT,
-    WAKE_TOKEN,
+    SIGNAL_TOKEN, WAKE_TOKEN,
 };
 use crate::buffer::{Input, OutBuf};
 use crate::config::{
@@ -234,6 +235,8 @@ pub struct Server {
     accept_retry_armed: bool,
     last_accept_log: Option<Instant>,
     admission: Option<Admission>,
+    /// Set by [`Server::stop_on_signals`].
+    signals: Option<SignalPipe>,
 }
 
 impl fmt::Debug for Server {
@@ -306,7 +309,26 @@ impl Server {
             accept_retry_armed: false,
             last_accept_log: None,
             admission: None,
+            signals: None,
         }
+    }
+
+    /// Makes SIGINT and SIGTERM stop this server: the first starts a
+    /// graceful shutdown ([`Handle::shutdown`]), a second stops at once.
+    ///
+    /// The signals are watched by the loop itself, through a self-pipe, not
+    /// by a thread: a second thread in the process would make every socket
+    /// call in the C library slower (see `engine/signals.rs`). The handlers
+    /// are removed when the server is dropped.
+    pub fn stop_on_signals(&mut self) -> io::Result<()> {
+        if self.signals.is_some() {
+            return Ok(());
+        }
+        let pipe = SignalPipe::new()?;
+        self.poller
+            .register(pipe.fd(), SIGNAL_TOKEN, Interest::Read)?;
+        self.signals = Some(pipe);
+        Ok(())
     }
 
     /// Listens on a stream `endpoint` (see [`Endpoint`]'s syntax, e.g.
@@ -513,6 +535,11 @@ impl Server {
         match event.token {
             // The handle set a request; `check_requests` reads it.
             WAKE_TOKEN => {}
+            SIGNAL_TOKEN => {
+                if let Some(pipe) = &mut self.signals {
+                    pipe.take(&self.handle);
+                }
+            }
             t if t & LISTENER_BIT != 0 => self.accept(t & !LISTENER_BIT),
             t if t & DGRAM_BIT != 0 => self.receive(t & !DGRAM_BIT),
             t => {
