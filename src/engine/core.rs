@@ -47,6 +47,10 @@ pub(super) const WRITE_AGAIN: u16 = 1 << 12;
 /// The write-stall timer is armed.
 pub(super) const STALL_ARMED: u16 = 1 << 13;
 
+/// Flags that need [`Core::after_write`]'s attention even when all output
+/// went out.
+const AFTER_WRITE_FLAGS: u16 = ABORT | WRITE_INTEREST | BACKPRESSURED | CLOSING;
+
 /// One connection. Kept small: an idle connection is this struct, one
 /// session and nothing on the heap.
 pub(super) struct Conn {
@@ -273,20 +277,53 @@ impl Core {
         if self.staging.is_empty() {
             return;
         }
+        let Some(c) = lookup(&mut self.conns, id) else {
+            self.staging.clear();
+            return;
+        };
+        if c.output.is_empty() && self.staging.len() <= self.write_budget {
+            // The request/response case: one `send`, and if the kernel took
+            // everything and nothing was waiting on output, we are done.
+            match write_some(&c.stream, &self.staging, &mut self.stats) {
+                Ok(n) if n == self.staging.len() => {
+                    c.last_write = self.now_tick;
+                    self.staging.clear();
+                    if c.has(AFTER_WRITE_FLAGS) {
+                        self.after_write_slow(id, poller);
+                    }
+                }
+                sent => self.commit_rest(id, sent, poller),
+            }
+        } else {
+            self.commit_rest(id, Ok(0), poller);
+        }
+    }
+
+    /// The rest of [`Core::commit`]: `sent` of the staged bytes went out
+    /// (or sending failed); queue the remainder and apply backpressure.
+    #[cold]
+    #[inline(never)]
+    fn commit_rest(&mut self, id: ConnId, sent: io::Result<usize>, poller: &mut dyn Poller) {
         let now = self.now_tick;
         let staged = &self.staging;
         let mut failed = None;
         let mut more = false;
         if let Some(c) = lookup(&mut self.conns, id) {
             if c.output.is_empty() {
-                let chunk = &staged[..staged.len().min(self.write_budget)];
-                match write_some(&c.stream, chunk, &mut self.stats) {
+                let chunk_len = staged.len().min(self.write_budget);
+                // Nothing was sent yet if the staged bytes were over budget.
+                let sent = if staged.len() > self.write_budget {
+                    write_some(&c.stream, &staged[..chunk_len], &mut self.stats)
+                } else {
+                    sent
+                };
+                match sent {
                     Ok(n) => {
                         if n < staged.len() {
                             c.output.extend(&staged[n..]);
                         }
                         c.last_write = now;
-                        more = n == chunk.len() && n < staged.len();
+                        more = n == chunk_len && n < staged.len();
                     }
                     Err(e) => failed = Some(e),
                 }
@@ -340,15 +377,25 @@ impl Core {
 
     /// Brings interest, backpressure and pending closes in line with how
     /// much output is left.
+    #[inline]
     fn after_write(&mut self, id: ConnId, poller: &mut dyn Poller) {
         let Some(c) = lookup(&mut self.conns, id) else {
             return;
         };
         // The common case: everything went out and nothing was waiting on
         // that (no WRITABLE interest to drop, no paused read, no close).
-        if c.output.is_empty() && !c.has(ABORT | WRITE_INTEREST | BACKPRESSURED | CLOSING) {
+        if c.output.is_empty() && !c.has(AFTER_WRITE_FLAGS) {
             return;
         }
+        self.after_write_slow(id, poller);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn after_write_slow(&mut self, id: ConnId, poller: &mut dyn Poller) {
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
         if c.has(ABORT) {
             return;
         }
@@ -466,6 +513,7 @@ fn lookup(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
 ///
 /// Stops at the first short write: the socket buffer is full, and trying
 /// again would only return `WouldBlock` at the cost of a system call.
+#[inline]
 fn write_some(stream: &Stream, buf: &[u8], stats: &mut Stats) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {

@@ -741,12 +741,6 @@ impl Server {
     /// `drain` is true when that shortcut would be wrong (the peer's FIN came
     /// with the data, or no fresh event backs the read).
     fn read(&mut self, id: ConnId, drain: bool) {
-        if self.core.get(id).is_some_and(|c| c.has(LINGER)) {
-            if linger_read(&mut self.core, id, &mut self.scratch) {
-                self.remove(id);
-            }
-            return;
-        }
         let Server {
             core,
             services,
@@ -756,45 +750,72 @@ impl Server {
             ..
         } = self;
         let poller = &mut **poller;
-        let core_tick = core.tick();
-        for _ in 0..config.reads_per_wakeup {
-            let Some(c) = core.get_mut(id) else {
-                return;
-            };
-            if c.has(REDELIVER) {
-                c.flags &= !REDELIVER;
-                deliver(core, services, poller, id, &[]);
-                continue;
-            }
-            if !c.wants_read() {
-                return;
-            }
-            let n = match c.stream.read(scratch) {
-                // The peer shut down its sending side.
-                Ok(0) => {
-                    c.flags |= EOF;
-                    call(core, services, poller, id, |h, cx, key| h.eof(cx, key));
+        let tick = core.tick();
+        let mut lingered_out = false;
+        'reads: {
+            for _ in 0..config.reads_per_wakeup {
+                let Some(c) = core.get_mut(id) else {
+                    return;
+                };
+                if c.has(LINGER | REDELIVER) {
+                    if c.has(LINGER) {
+                        lingered_out = linger_read(&c.stream, scratch);
+                        break 'reads;
+                    }
+                    c.flags &= !REDELIVER;
+                    deliver(core, services, poller, id, &[]);
+                    continue;
+                }
+                if !c.wants_read() {
                     return;
                 }
-                Ok(n) => n,
-                // Drained: the next byte to arrive is a new edge.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                // A signal arrived before any data was copied: try again.
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return core.fail(id, &e),
-            };
-            c.last_read = core_tick;
-            core.stats.bytes_in += n as u64;
-            deliver(core, services, poller, id, &scratch[..n]);
-            if n < scratch.len() && !drain {
-                // A short read emptied the socket's queue for now. Reading
-                // again would only say WouldBlock, one system call per
-                // request for nothing; new data brings a new edge.
-                return;
+                let n = match c.stream.read(scratch) {
+                    // The peer shut down its sending side.
+                    Ok(0) => {
+                        c.flags |= EOF;
+                        call(core, services, poller, id, |h, cx, key| h.eof(cx, key));
+                        return;
+                    }
+                    Ok(n) => n,
+                    // Drained: the next byte to arrive is a new edge.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    // A signal arrived before any data was copied: try again.
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return core.fail(id, &e),
+                };
+                c.last_read = tick;
+                let (s, key, leftovers) =
+                    (c.service as usize, c.session as usize, !c.input.is_empty());
+                core.stats.bytes_in += n as u64;
+                if !leftovers {
+                    // The common case, inlined: nothing left over, so the
+                    // service reads straight from the loop's buffer, and only
+                    // a partial frame it leaves is copied.
+                    let mut input = Input::new(&scratch[..n]);
+                    let handler = &mut *services[s].handler;
+                    run(core, handler, poller, (id, s, key), |h, cx, key| {
+                        h.data(cx, key, &mut input)
+                    });
+                    let consumed = input.consumed();
+                    if consumed < n {
+                        keep_leftovers(core, id, &scratch[consumed..n]);
+                    }
+                } else {
+                    deliver(core, services, poller, id, &scratch[..n]);
+                }
+                if n < scratch.len() && !drain {
+                    // A short read emptied the socket's queue for now. Reading
+                    // again would only say WouldBlock, one system call per
+                    // request for nothing; new data brings a new edge.
+                    return;
+                }
             }
+            // Budget spent with data maybe left: let the others have a turn.
+            core.mark_ready(id);
         }
-        // Budget spent with data maybe left: let the others have a turn.
-        core.mark_ready(id);
+        if lingered_out {
+            self.remove(id);
+        }
     }
 
     // ---- datagrams ----------------------------------------------------
@@ -1177,14 +1198,40 @@ fn call(
         return;
     };
     let (s, key) = (c.service as usize, c.session as usize);
+    run(core, &mut *services[s].handler, poller, (id, s, key), f);
+}
+
+/// [`call`] once the connection's service `s` and session `key` are known:
+/// runs `f`, contains a panic in it, and sends what it wrote.
+#[inline]
+fn run(
+    core: &mut Core,
+    handler: &mut dyn Handler,
+    poller: &mut dyn Poller,
+    (id, s, key): (ConnId, usize, usize),
+    f: impl FnOnce(&mut dyn Handler, &mut Context<'_>, usize),
+) {
     core.current = id;
-    let handler = &mut *services[s].handler;
     let outcome = contain(|| f(handler, &mut Context::new(core, id, s), key));
     core.current = ConnId::NONE;
     if let Err(message) = outcome {
         core.panicked(id, &message);
     }
     core.commit(id, poller);
+}
+
+/// Keeps the input a service left unconsumed (a partial frame) for the
+/// next read; a closing connection will never be shown it again.
+#[cold]
+fn keep_leftovers(core: &mut Core, id: ConnId, rest: &[u8]) {
+    let Some(c) = core.get_mut(id).filter(|c| !c.has(CLOSING)) else {
+        return;
+    };
+    c.input.extend_from_slice(rest);
+    let (held, s) = (c.input.len(), c.service as usize);
+    if held > core.limits[s].max_input {
+        core.request_close(id, CloseMode::Abort, CloseReason::InputLimit);
+    }
 }
 
 /// Shows the service its unconsumed input followed by `data`, and keeps
@@ -1207,13 +1254,9 @@ fn deliver(
         call(core, services, poller, id, |h, cx, key| {
             h.data(cx, key, &mut input)
         });
-        let rest = &data[input.consumed()..];
-        if rest.is_empty() {
-            return;
-        }
-        // A closing connection will never be shown its input again.
-        if let Some(c) = core.get_mut(id).filter(|c| !c.has(CLOSING)) {
-            c.input.extend_from_slice(rest);
+        let consumed = input.consumed();
+        if consumed < data.len() {
+            keep_leftovers(core, id, &data[consumed..]);
         }
     } else {
         let mut buf = mem::take(&mut c.input);
@@ -1229,24 +1272,19 @@ fn deliver(
                 buf = Vec::new(); // give the memory back
             }
             c.input = buf;
+            let (held, s) = (c.input.len(), c.service as usize);
+            if held > core.limits[s].max_input {
+                core.request_close(id, CloseMode::Abort, CloseReason::InputLimit);
+            }
         }
-    }
-    let Some(c) = core.get(id) else {
-        return;
-    };
-    if c.input.len() > core.limits[c.service as usize].max_input {
-        core.request_close(id, CloseMode::Abort, CloseReason::InputLimit);
     }
 }
 
 /// Reads and discards the input of a connection we closed. Returns true
 /// once the peer has closed too (or erred), so the connection can go.
-fn linger_read(core: &mut Core, id: ConnId, scratch: &mut [u8]) -> bool {
-    let Some(c) = core.get_mut(id) else {
-        return false;
-    };
+fn linger_read(stream: &Stream, scratch: &mut [u8]) -> bool {
     loop {
-        match c.stream.read(scratch) {
+        match stream.read(scratch) {
             Ok(0) => return true,
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
