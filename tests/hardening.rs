@@ -202,3 +202,45 @@ fn the_shutdown_policy_stops_the_server_after_a_panic() {
     assert_eq!(server.report().stats.panics, 1);
     client.join().unwrap();
 }
+
+/// The data callback on the read path is guarded once per batch of events,
+/// not once per call: a panic must still cost only its own connection, and
+/// the events after it in the same batch must still be served.
+#[test]
+fn a_panic_in_the_middle_of_a_batch_loses_no_other_event() {
+    for engine in [muxserve::Engine::Mio, muxserve::Engine::Poll] {
+        let mut server = Server::with_engine(engine, Config::default()).unwrap();
+        let addr = local(&mut server, Fragile);
+        let mut clients: Vec<TcpStream> = (0..20).map(|_| connect(addr)).collect();
+        let mut victim = connect(addr);
+        step_until(&mut server, Duration::from_secs(10), |s| {
+            s.connections() == 21
+        });
+        // Everything is in the kernel before the server looks, so one wait
+        // reports all 21 sockets, the victim among the others.
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.write_all(format!("before {i}").as_bytes()).unwrap();
+            if i == 9 {
+                victim.write_all(b"boom").unwrap();
+            }
+        }
+        server.run_once(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(server.stats().panics, 1, "{engine}");
+        // No further turn: every echo must have gone out in that one.
+        for (i, c) in clients.iter_mut().enumerate() {
+            let want = format!("before {i}");
+            let mut got = vec![0; want.len()];
+            c.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("{engine}: client {i} got no echo: {e}"));
+            assert_eq!(got, want.as_bytes(), "{engine}");
+        }
+        let gone = thread::spawn(move || read_to_end_or_reset(&mut victim));
+        step_until(&mut server, Duration::from_secs(10), |_| gone.is_finished());
+        assert!(gone.join().unwrap().is_empty(), "{engine}");
+        with_clients(&mut server, move || {
+            for (i, c) in clients.iter_mut().enumerate() {
+                echo_in_steps(c, format!("after {i}").as_bytes(), 64);
+            }
+        });
+    }
+}

@@ -284,13 +284,16 @@ pub type Admission = Arc<dyn Fn(&crate::PeerAddr) -> bool + Send + Sync>;
 /// Runs a service callback and contains a panic in it, returning the panic
 /// message. A panicking callback must cost one connection, not the server.
 pub(crate) fn contain(f: impl FnOnce()) -> Result<(), String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".to_string())
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| panic_message(&*p))
+}
+
+/// The message a panic was raised with.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// A [`Service`] with its sessions, behind an object-safe interface so that

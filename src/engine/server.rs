@@ -23,8 +23,8 @@ use super::select::FacadePoller;
 use super::signals::SignalPipe;
 use super::Engine;
 use super::{
-    contain, Admission, Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT, LISTENER_BIT,
-    SIGNAL_TOKEN, WAKE_TOKEN,
+    contain, panic_message, Admission, Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT,
+    LISTENER_BIT, SIGNAL_TOKEN, WAKE_TOKEN,
 };
 use crate::buffer::{Input, OutBuf};
 use crate::config::{
@@ -503,10 +503,10 @@ impl Server {
             Err(e) => return Err(e),
         }
         self.core.set_now(Instant::now());
-        for i in 0..self.events.len() {
-            let event = self.events[i];
-            self.dispatch(event);
-        }
+        self.each_contained(self.events.len(), |server, i| {
+            let event = server.events[i];
+            server.dispatch(event);
+        });
         self.serve_ready();
         self.fire_timers();
         self.end_of_turn();
@@ -560,7 +560,42 @@ impl Server {
             return;
         }
         let ready = mem::take(&mut self.core.ready);
-        for &t in &ready {
+        self.each_contained(ready.len(), |server, i| server.serve_one(ready[i]));
+    }
+
+    /// Runs `step(self, i)` for `i` in `0..count`, containing panics in the
+    /// service callbacks it makes without a guard of their own (the data
+    /// callback on the read path; see [`Server::read`]).
+    ///
+    /// One `catch_unwind` per batch instead of one per request: the guard
+    /// cost about 35 instructions a request, 8 % of an echo. A panic
+    /// unwinds to here; the connection it was about is closed (as a
+    /// per-callback guard would), and the batch goes on with the next step,
+    /// so no event of it is lost.
+    fn each_contained(&mut self, count: usize, mut step: impl FnMut(&mut Server, usize)) {
+        let mut next = 0;
+        while next < count {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                while next < count {
+                    let i = next;
+                    next += 1;
+                    step(self, i);
+                }
+            }));
+            if let Err(payload) = outcome {
+                let id = mem::replace(&mut self.core.current, ConnId::NONE);
+                if id == ConnId::NONE {
+                    // Not a service callback: a bug in the engine itself.
+                    // Hiding it would leave the loop in an unknown state.
+                    std::panic::resume_unwind(payload);
+                }
+                self.core.panicked(id, &panic_message(&*payload));
+            }
+        }
+    }
+
+    fn serve_one(&mut self, t: usize) {
+        {
             if t & LISTENER_BIT != 0 {
                 let s = t & !LISTENER_BIT;
                 self.services[s].ready = false;
@@ -792,10 +827,13 @@ impl Server {
                     // service reads straight from the loop's buffer, and only
                     // a partial frame it leaves is copied.
                     let mut input = Input::new(&scratch[..n]);
-                    let handler = &mut *services[s].handler;
-                    run(core, handler, poller, (id, s, key), |h, cx, key| {
-                        h.data(cx, key, &mut input)
-                    });
+                    // Not guarded here: a panic unwinds to `each_contained`,
+                    // which closes this connection.
+                    core.current = id;
+                    let cx = &mut Context::new(core, id, s);
+                    services[s].handler.data(cx, key, &mut input);
+                    core.current = ConnId::NONE;
+                    core.commit(id, poller);
                     let consumed = input.consumed();
                     if consumed < n {
                         keep_leftovers(core, id, &scratch[consumed..n]);
@@ -1186,7 +1224,8 @@ fn remove_socket_file(path: &Path) {
     }
 }
 
-/// Runs one callback for connection `id` and sends what it wrote.
+/// Runs one callback for connection `id`, contains a panic in it, and
+/// sends what it wrote.
 fn call(
     core: &mut Core,
     services: &mut [Bound],
@@ -1198,20 +1237,8 @@ fn call(
         return;
     };
     let (s, key) = (c.service as usize, c.session as usize);
-    run(core, &mut *services[s].handler, poller, (id, s, key), f);
-}
-
-/// [`call`] once the connection's service `s` and session `key` are known:
-/// runs `f`, contains a panic in it, and sends what it wrote.
-#[inline]
-fn run(
-    core: &mut Core,
-    handler: &mut dyn Handler,
-    poller: &mut dyn Poller,
-    (id, s, key): (ConnId, usize, usize),
-    f: impl FnOnce(&mut dyn Handler, &mut Context<'_>, usize),
-) {
     core.current = id;
+    let handler = &mut *services[s].handler;
     let outcome = contain(|| f(handler, &mut Context::new(core, id, s), key));
     core.current = ConnId::NONE;
     if let Err(message) = outcome {
