@@ -3,6 +3,7 @@
 //! about how readiness is learned; the loop in `server.rs` tells it.
 
 use std::io;
+use std::mem;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -124,6 +125,9 @@ pub(super) struct Core {
     /// straight to its socket when the callback returns.
     staging: Vec<u8>,
     pub current: ConnId,
+    /// `current` may still be written to (it is not closing): checked by
+    /// every write of a callback, without a slab lookup.
+    current_open: bool,
     /// Connections others wrote to this turn; flushed at its end.
     pub dirty: Vec<ConnId>,
     /// Connections whose close was requested this turn.
@@ -164,6 +168,7 @@ impl Core {
             timers: Timers::new(),
             staging: Vec::new(),
             current: ConnId::NONE,
+            current_open: false,
             dirty: Vec::new(),
             closing: Vec::new(),
             ready: Vec::new(),
@@ -228,6 +233,22 @@ impl Core {
         self.mark(id, READY);
     }
 
+    /// Starts a callback about `id`; `open` says it is not closing. Its
+    /// writes are staged until [`Core::commit`].
+    #[inline]
+    pub fn enter(&mut self, id: ConnId, open: bool) {
+        self.current = id;
+        self.current_open = open;
+    }
+
+    /// Ends the callback started by [`Core::enter`], returning whom it was
+    /// about.
+    #[inline]
+    pub fn leave(&mut self) -> ConnId {
+        self.current_open = false;
+        mem::replace(&mut self.current, ConnId::NONE)
+    }
+
     /// Asks for a close at the end of the turn. An abort overrides an
     /// earlier flush-close (a write error while flushing, say).
     pub fn request_close(&mut self, id: ConnId, mode: CloseMode, reason: CloseReason) {
@@ -236,6 +257,9 @@ impl Core {
         };
         if c.has(LINGER) {
             return;
+        }
+        if id == self.current {
+            self.current_open = false;
         }
         let first = !c.has(CLOSING);
         if first || mode == CloseMode::Abort {
@@ -284,38 +308,52 @@ impl Core {
         if c.output.is_empty() && self.staging.len() <= self.write_budget {
             // The request/response case: one `send`, and if the kernel took
             // everything and nothing was waiting on output, we are done.
-            match write_some(&c.stream, &self.staging, &mut self.stats) {
-                Ok(n) if n == self.staging.len() => {
+            let sent = c.stream.send(&self.staging);
+            if let Ok(n) = sent {
+                if n == self.staging.len() {
+                    self.stats.bytes_out += n as u64;
                     c.last_write = self.now_tick;
                     self.staging.clear();
                     if c.has(AFTER_WRITE_FLAGS) {
                         self.after_write_slow(id, poller);
                     }
+                    return;
                 }
-                sent => self.commit_rest(id, sent, poller),
             }
+            self.commit_rest(id, Some(sent), poller);
         } else {
-            self.commit_rest(id, Ok(0), poller);
+            self.commit_rest(id, None, poller);
         }
     }
 
-    /// The rest of [`Core::commit`]: `sent` of the staged bytes went out
-    /// (or sending failed); queue the remainder and apply backpressure.
+    /// The rest of [`Core::commit`]: `sent` is what the first `send` of
+    /// the staged bytes returned, if there was one; queue the remainder
+    /// and apply backpressure.
     #[cold]
     #[inline(never)]
-    fn commit_rest(&mut self, id: ConnId, sent: io::Result<usize>, poller: &mut dyn Poller) {
+    fn commit_rest(
+        &mut self,
+        id: ConnId,
+        sent: Option<io::Result<usize>>,
+        poller: &mut dyn Poller,
+    ) {
         let now = self.now_tick;
         let staged = &self.staging;
         let mut failed = None;
         let mut more = false;
         if let Some(c) = lookup(&mut self.conns, id) {
             if c.output.is_empty() {
-                let chunk_len = staged.len().min(self.write_budget);
-                // Nothing was sent yet if the staged bytes were over budget.
-                let sent = if staged.len() > self.write_budget {
-                    write_some(&c.stream, &staged[..chunk_len], &mut self.stats)
-                } else {
-                    sent
+                let chunk = &staged[..staged.len().min(self.write_budget)];
+                let sent = match sent {
+                    Some(Ok(n)) => {
+                        self.stats.bytes_out += n as u64;
+                        self.stats.short_writes += 1;
+                        Ok(n)
+                    }
+                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    Some(Err(e)) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+                    // Interrupted, or nothing sent yet (over budget).
+                    _ => write_some(&c.stream, chunk, &mut self.stats),
                 };
                 match sent {
                     Ok(n) => {
@@ -323,7 +361,7 @@ impl Core {
                             c.output.extend(&staged[n..]);
                         }
                         c.last_write = now;
-                        more = n == chunk_len && n < staged.len();
+                        more = n == chunk.len() && n < staged.len();
                     }
                     Err(e) => failed = Some(e),
                 }
@@ -542,20 +580,23 @@ impl Driver for Core {
     }
 
     fn write(&mut self, to: ConnId, bytes: &[u8]) -> bool {
+        if to == self.current {
+            // The reply case, without a lookup.
+            if self.current_open {
+                self.staging.extend_from_slice(bytes);
+            }
+            return self.current_open;
+        }
         let Some(c) = lookup(&mut self.conns, to) else {
             return false;
         };
         if c.has(CLOSING | LINGER) {
             return false;
         }
-        if to == self.current {
-            self.staging.extend_from_slice(bytes);
-        } else {
-            c.output.extend(bytes);
-            if !c.has(DIRTY) {
-                c.flags |= DIRTY;
-                self.dirty.push(to);
-            }
+        c.output.extend(bytes);
+        if !c.has(DIRTY) {
+            c.flags |= DIRTY;
+            self.dirty.push(to);
         }
         true
     }

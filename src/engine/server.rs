@@ -583,7 +583,7 @@ impl Server {
                 }
             }));
             if let Err(payload) = outcome {
-                let id = mem::replace(&mut self.core.current, ConnId::NONE);
+                let id = self.core.leave();
                 if id == ConnId::NONE {
                     // Not a service callback: a bug in the engine itself.
                     // Hiding it would leave the loop in an unknown state.
@@ -750,11 +750,11 @@ impl Server {
         core.stats.active += 1;
         core.stats.peak = core.stats.peak.max(core.stats.active);
 
-        core.current = id;
+        core.enter(id, true);
         let handler = &mut self.services[s].handler;
         let mut key = 0;
         let outcome = contain(|| key = handler.connect(&mut Context::new(core, id, s)));
-        core.current = ConnId::NONE;
+        core.leave();
         match outcome {
             Ok(()) => {
                 if let Some(c) = core.get_mut(id) {
@@ -829,10 +829,10 @@ impl Server {
                     let mut input = Input::new(&scratch[..n]);
                     // Not guarded here: a panic unwinds to `each_contained`,
                     // which closes this connection.
-                    core.current = id;
+                    core.enter(id, true);
                     let cx = &mut Context::new(core, id, s);
                     services[s].handler.data(cx, key, &mut input);
-                    core.current = ConnId::NONE;
+                    core.leave();
                     core.commit(id, poller);
                     let consumed = input.consumed();
                     if consumed < n {
@@ -1236,11 +1236,15 @@ fn call(
     let Some(c) = core.get(id) else {
         return;
     };
-    let (s, key) = (c.service as usize, c.session as usize);
-    core.current = id;
+    let (s, key, open) = (
+        c.service as usize,
+        c.session as usize,
+        !c.has(CLOSING | LINGER),
+    );
+    core.enter(id, open);
     let handler = &mut *services[s].handler;
     let outcome = contain(|| f(handler, &mut Context::new(core, id, s), key));
-    core.current = ConnId::NONE;
+    core.leave();
     if let Err(message) = outcome {
         core.panicked(id, &message);
     }
