@@ -484,10 +484,18 @@ impl Core {
             return;
         }
         let c = self.conns.remove(id.index());
-        // Closing the descriptor would remove it from epoll too, but not
-        // from the select/poll facade's tables: say it explicitly.
-        let _ = poller.deregister(c.stream.fd());
-        if c.has(ABORT) {
+        let _ = poller.closing(c.stream.fd());
+        // A connection the peer reset is gone already; only our own aborts
+        // need SO_LINGER 0 to turn the close into a reset.
+        let reset_by_peer = matches!(
+            c.reason,
+            CloseReason::Error(
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            )
+        );
+        if c.has(ABORT) && !reset_by_peer {
             c.stream.set_reset_on_close();
         }
     }

@@ -256,6 +256,11 @@ pub(crate) trait Poller {
     fn register(&mut self, fd: RawFd, token: usize, interest: Interest) -> io::Result<()>;
     fn reregister(&mut self, fd: RawFd, token: usize, interest: Interest) -> io::Result<()>;
     fn deregister(&mut self, fd: RawFd) -> io::Result<()>;
+    /// `fd` is about to be closed. Pollers whose kernel object forgets a
+    /// descriptor when it closes (epoll) need not make a system call.
+    fn closing(&mut self, fd: RawFd) -> io::Result<()> {
+        self.deregister(fd)
+    }
     /// Waits until something is ready or `timeout` passes, and appends what
     /// is ready to `events`. May return spurious events and `Interrupted`.
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
