@@ -28,7 +28,8 @@ use super::{
 };
 use crate::buffer::{Input, OutBuf};
 use crate::config::{
-    Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, REFLECTOR_PORTS,
+    Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, READ_CHUNK_ALONE,
+    REFLECTOR_PORTS,
 };
 use crate::net::{self, DgramSocket, Endpoint, StdListener, Stream, StreamListener, ToEndpoint};
 use crate::select::{Backend, FD_SETSIZE};
@@ -782,11 +783,20 @@ impl Server {
             poller,
             scratch,
             config,
+            events,
             ..
         } = self;
         let poller = &mut **poller;
         let tick = core.tick();
         let mut lingered_out = false;
+        // One ready source this turn: read in smaller pieces, so replies
+        // to the first requests of a burst go out while we read the rest
+        // (see `READ_CHUNK_ALONE`).
+        let want = if events.len() <= 1 {
+            READ_CHUNK_ALONE
+        } else {
+            READ_CHUNK
+        };
         'reads: {
             for _ in 0..config.reads_per_wakeup {
                 let Some(c) = core.get_mut(id) else {
@@ -804,7 +814,7 @@ impl Server {
                 if !c.wants_read() {
                     return;
                 }
-                let n = match c.stream.read(scratch) {
+                let n = match c.stream.read(&mut scratch[..want]) {
                     // The peer shut down its sending side.
                     Ok(0) => {
                         c.flags |= EOF;
@@ -841,7 +851,7 @@ impl Server {
                 } else {
                     deliver(core, services, poller, id, &scratch[..n]);
                 }
-                if n < scratch.len() && !drain {
+                if n < want && !drain {
                     // A short read emptied the socket's queue for now. Reading
                     // again would only say WouldBlock, one system call per
                     // request for nothing; new data brings a new edge.
