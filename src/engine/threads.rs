@@ -779,6 +779,21 @@ struct ConnState {
     timers: Timers<()>,
 }
 
+/// Whether a read timeout already set to `set` may stand in for `wanted`:
+/// the read then wakes at most 1 % (and at least 1 ms) early or late. Early
+/// is harmless (the loop goes round); late by that much is within what a
+/// timer promises.
+fn close_enough(set: Option<Duration>, wanted: Option<Duration>) -> bool {
+    match (set, wanted) {
+        (None, None) => true,
+        (Some(set), Some(wanted)) => {
+            let slack = (wanted / 100).max(Duration::from_millis(1));
+            set.abs_diff(wanted) <= slack
+        }
+        _ => false,
+    }
+}
+
 /// The life of one connection, on its own thread.
 fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAddr) {
     let at = Origin {
@@ -803,6 +818,10 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
     let mut input: Vec<u8> = Vec::new();
     let mut last_active = Instant::now();
     let mut eof = false;
+    // What SO_RCVTIMEO is set to, once it has been: a request/response
+    // peer moves its idle deadline forward by about the same amount each
+    // round, so the system call is rarely needed.
+    let mut read_timeout: Option<Option<Duration>> = None;
     while st.close.is_none() {
         if io.dead.load(Ordering::SeqCst) {
             let request = lock(&io.close_request).take();
@@ -839,9 +858,12 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
             t.saturating_duration_since(now)
                 .max(Duration::from_millis(1))
         });
-        if let Err(e) = io.stream.set_read_timeout(timeout) {
-            st.close = Some((CloseMode::Abort, CloseReason::Error(e.kind())));
-            break;
+        if !read_timeout.is_some_and(|set| close_enough(set, timeout)) {
+            if let Err(e) = io.stream.set_read_timeout(timeout) {
+                st.close = Some((CloseMode::Abort, CloseReason::Error(e.kind())));
+                break;
+            }
+            read_timeout = Some(timeout);
         }
         let n = match io.stream.read(&mut buf) {
             Ok(0) => {
