@@ -23,7 +23,14 @@
 //! waits for readiness is a small seam, the `Poller`: its required functions
 //! are `register`, `reregister`, `deregister` (by file descriptor and
 //! token), `poll` (fill a list of ready tokens, with a timeout) and a waker
-//! that interrupts `poll` from another thread.
+//! that interrupts `poll` from another thread; `closing` (by default a
+//! `deregister`) lets epoll skip a system call for a descriptor about to
+//! be closed.
+//!
+//! A loop engine keeps its process single-threaded where it can: signals
+//! arrive through a self-pipe the loop polls (`signals.rs`), not a watcher
+//! thread, because a second thread makes every socket call in the C
+//! library pay for cancellation bookkeeping.
 //!
 //! - [`mio`]: mio's edge-triggered epoll/kqueue; the default and the fast one.
 //! - [`select`]: the [`select`](crate::select) facade's select(2) or poll(2),
