@@ -123,8 +123,9 @@ pub struct Config {
     /// Accepts per listener per wakeup before other sources get a turn
     /// (the listener stays on the still-ready list). Default 64.
     pub accepts_per_wakeup: usize,
-    /// Reads of [`READ_CHUNK`] per connection per wakeup before others get
-    /// a turn. Default 4 (256 KiB).
+    /// Reads (of [`READ_CHUNK`], or [`READ_CHUNK_ALONE`] in a turn with a
+    /// single ready source) per connection per wakeup before others get a
+    /// turn. Default 4 (256 KiB, or 64 KiB when nothing else is waiting).
     pub reads_per_wakeup: usize,
     /// After a graceful shutdown starts, how long open connections may
     /// finish on their own before they are flushed and closed. Default 5 s.

@@ -595,30 +595,29 @@ impl Server {
         }
     }
 
+    /// Serves one entry of the still-ready list.
     fn serve_one(&mut self, t: usize) {
-        {
-            if t & LISTENER_BIT != 0 {
-                let s = t & !LISTENER_BIT;
-                self.services[s].ready = false;
-                self.accept(s);
-            } else if t & DGRAM_BIT != 0 {
-                let d = t & !DGRAM_BIT;
-                self.dgrams[d].ready = false;
-                self.receive(d);
-            } else {
-                let id = conn_id(t);
-                if let Some(c) = self.core.get_mut(id) {
-                    let flags = c.flags;
-                    c.flags &= !(READY | WRITE_AGAIN);
-                    if flags & WRITE_AGAIN != 0 {
-                        self.core.flush(id, &mut *self.poller);
-                    }
-                    if flags & READY != 0 {
-                        // No fresh event vouches for a short read here
-                        // (input or a FIN may have come while we were not
-                        // reading): drain to WouldBlock.
-                        self.read(id, true);
-                    }
+        if t & LISTENER_BIT != 0 {
+            let s = t & !LISTENER_BIT;
+            self.services[s].ready = false;
+            self.accept(s);
+        } else if t & DGRAM_BIT != 0 {
+            let d = t & !DGRAM_BIT;
+            self.dgrams[d].ready = false;
+            self.receive(d);
+        } else {
+            let id = conn_id(t);
+            if let Some(c) = self.core.get_mut(id) {
+                let flags = c.flags;
+                c.flags &= !(READY | WRITE_AGAIN);
+                if flags & WRITE_AGAIN != 0 {
+                    self.core.flush(id, &mut *self.poller);
+                }
+                if flags & READY != 0 {
+                    // No fresh event vouches for a short read here
+                    // (input or a FIN may have come while we were not
+                    // reading): drain to WouldBlock.
+                    self.read(id, true);
                 }
             }
         }
