@@ -46,7 +46,7 @@
 //! [`auth`] (HMAC challenge-response for any service) and [`client`],
 //! [`config`] (limits, and why each number), [`timer`], [`stats`], [`net`]
 //! (addresses and socket creation), [`testing`] (a service without
-//! sockets) and [`bench`] (what `muxserve bench` runs).
+//! sockets) and [`bench`](mod@bench) (what `muxserve bench` runs).
 //!
 //! # Glossary
 //!

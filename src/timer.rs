@@ -1,6 +1,6 @@
 //! Deadlines for the event loop: a binary heap with lazy cancellation.
 //!
-//! The loop asks [`Timers::next_deadline`] for its poll timeout and pops what
+//! The loop asks `Timers::next_deadline` for its poll timeout and pops what
 //! expired after each poll. Arming is O(log n); cancelling is O(1) and leaves
 //! a stale heap entry behind, which is skipped when it reaches the top. So
 //! that stale entries cannot pile up (a connection that arms a 300 s idle

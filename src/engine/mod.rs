@@ -1,4 +1,4 @@
-//! Engines: what runs a [`Service`](crate::Service).
+//! Engines: what runs a [`Service`].
 //!
 //! # What every engine must do
 //!

@@ -1,4 +1,4 @@
-//! The loop on the [`select`](crate::select) facade: the same `Server`, its
+//! The loop on the [`select`] facade: the same `Server`, its
 //! readiness learned from select(2) or poll(2) instead of epoll.
 //!
 //! These backends are level-triggered, so the loop's edge-triggered care
