@@ -22,9 +22,9 @@ pub struct Results {
     pub fanout: Vec<Fanout>,
 }
 
-/// The human-readable summary: medians per cell, with each engine's rate
-/// and CPU as a ratio to the reference engine (tokio if present, else the
-/// first).
+/// The human-readable summary: medians per cell (and the worst latency of
+/// any run), with each engine's rate and CPU as a ratio to the reference
+/// engine (tokio if present, else the first).
 pub fn table(results: &Results) -> String {
     let mut out = String::new();
     let reference = if results.cells.iter().any(|c| c.engine == "tokio") {
@@ -35,7 +35,7 @@ pub fn table(results: &Results) -> String {
     if !results.cells.is_empty() {
         let _ = writeln!(
             out,
-            "{:<8} {:>6} {:>6} {:>5} {:>11} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9}",
+            "{:<8} {:>6} {:>6} {:>5} {:>11} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>9}",
             "engine",
             "conns",
             "size",
@@ -45,6 +45,7 @@ pub fn table(results: &Results) -> String {
             "p50 µs",
             "p99 µs",
             "p99.9 µs",
+            "max µs",
             "user µs/r",
             "total µs/r",
             "cpu vs",
@@ -68,7 +69,7 @@ pub fn table(results: &Results) -> String {
         });
         let _ = writeln!(
             out,
-            "{:<8} {:>6} {:>6} {:>5} {:>11.0} {:>6.2}x {:>9.1} {:>9.1} {:>9.1} {:>10.3} {:>10.3} {:>7.2}x {:>9.0}",
+            "{:<8} {:>6} {:>6} {:>5} {:>11.0} {:>6.2}x {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.3} {:>10.3} {:>7.2}x {:>9.0}",
             cell.engine,
             cell.conns,
             cell.size,
@@ -78,6 +79,7 @@ pub fn table(results: &Results) -> String {
             cell.median(|s| s.latency_us[0]),
             cell.median(|s| s.latency_us[1]),
             cell.median(|s| s.latency_us[2]),
+            cell.worst(|s| s.latency_us[3]),
             cell.median(|s| s.cpu_us.0),
             total,
             vs_cpu,

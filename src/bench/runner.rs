@@ -51,6 +51,11 @@ impl Cell {
         median(&mut self.samples.iter().map(f).collect::<Vec<_>>())
     }
 
+    /// The largest `f` of any run (for the worst latency seen).
+    pub fn worst(&self, f: impl Fn(&Sample) -> f64) -> f64 {
+        self.samples.iter().map(f).fold(f64::NAN, f64::max)
+    }
+
     /// The run whose rate is the median one (for its latency curve).
     pub fn median_sample(&self) -> Option<&Sample> {
         let mut by_rate: Vec<&Sample> = self.samples.iter().collect();
