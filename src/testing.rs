@@ -3,7 +3,9 @@
 //! [`Harness`] plays the engine: it creates connections, feeds them bytes
 //! (in whatever pieces you like, keeping unconsumed input as an engine
 //! does), collects what the service writes, runs timers on a clock you move
-//! by hand, and closes connections the way the engine contract says.
+//! by hand, and closes connections the way the engine contract says. Input
+//! that arrives while a connection has paused reading is held, and shown to
+//! the service when it resumes.
 //!
 //! ```
 //! use muxserve::services::Echo;
@@ -58,6 +60,9 @@ struct State {
     stats: Stats,
     stop_requested: bool,
     current: ConnId,
+    /// Connections whose reading resumed with input held back: shown it
+    /// again once the callback that resumed them returns.
+    resumed: Vec<ConnId>,
 }
 
 impl<S: Service> std::fmt::Debug for Harness<S> {
@@ -83,6 +88,7 @@ impl<S: Service> Harness<S> {
                 stats: Stats::default(),
                 stop_requested: false,
                 current: ConnId::NONE,
+                resumed: Vec::new(),
             },
         }
     }
@@ -143,9 +149,17 @@ impl<S: Service> Harness<S> {
             return;
         };
         c.input.extend_from_slice(bytes);
-        if c.paused {
-            return;
+        if !c.paused {
+            self.deliver(id);
         }
+        self.settle(id);
+    }
+
+    /// Shows the service the input held for `id`, keeping what it leaves.
+    fn deliver(&mut self, id: ConnId) {
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
         let buf = std::mem::take(&mut c.input);
         let mut input = Input::new(&buf);
         self.with_session(id, |service, cx, session| {
@@ -155,7 +169,6 @@ impl<S: Service> Harness<S> {
         if let Some(c) = self.conn_mut(id) {
             c.input = buf[consumed..].to_vec();
         }
-        self.settle(id);
     }
 
     /// The peer shuts down its sending side.
@@ -204,6 +217,7 @@ impl<S: Service> Harness<S> {
                     self.state.current = ConnId::NONE;
                     let mut cx = Context::new(&mut self.state, ConnId::NONE, 0);
                     self.service.on_service_timer(&mut cx, timer);
+                    self.settle(ConnId::NONE);
                 } else if self.is_open(conn) {
                     self.with_session(conn, |service, cx, session| {
                         service.on_timer(cx, session, timer)
@@ -249,8 +263,9 @@ impl<S: Service> Harness<S> {
     }
 
     /// Carries out requested closes (of `id` and of any connection the
-    /// callback closed), with `on_close` last, as an engine would at the
-    /// end of a turn.
+    /// callback closed), with `on_close` last, and shows connections whose
+    /// reading resumed the input they were holding, as an engine would at
+    /// the end of a turn.
     fn settle(&mut self, _id: ConnId) {
         loop {
             let next = self
@@ -259,19 +274,28 @@ impl<S: Service> Harness<S> {
                 .iter()
                 .find(|(_, c)| c.closed.is_none() && c.closing.is_some())
                 .map(|(i, c)| (ConnId::new(i, c.gen), c.closing.unwrap()));
-            let Some((id, (mode, reason))) = next else {
+            if let Some((id, (mode, reason))) = next {
+                if let Some(c) = self.conn_mut(id) {
+                    if mode == CloseMode::Abort {
+                        c.output.clear();
+                    }
+                    c.closed = Some(reason);
+                }
+                if let Some(session) = self.sessions.get_mut(id.index()).and_then(Option::take) {
+                    self.state.current = id;
+                    let mut cx = Context::new(&mut self.state, id, 0);
+                    self.service.on_close(&mut cx, session, reason);
+                }
+                continue;
+            }
+            let Some(id) = self.state.resumed.pop() else {
                 return;
             };
-            if let Some(c) = self.conn_mut(id) {
-                if mode == CloseMode::Abort {
-                    c.output.clear();
-                }
-                c.closed = Some(reason);
-            }
-            if let Some(session) = self.sessions.get_mut(id.index()).and_then(Option::take) {
-                self.state.current = id;
-                let mut cx = Context::new(&mut self.state, id, 0);
-                self.service.on_close(&mut cx, session, reason);
+            if self
+                .open_conn(id)
+                .is_some_and(|c| !c.paused && !c.input.is_empty())
+            {
+                self.deliver(id);
             }
         }
     }
@@ -360,6 +384,9 @@ impl Driver for State {
 
     fn set_reading(&mut self, id: ConnId, on: bool) {
         if let Some(c) = live_mut(&mut self.conns, id) {
+            if on && c.paused && !c.input.is_empty() {
+                self.resumed.push(id);
+            }
             c.paused = !on;
         }
     }
@@ -412,5 +439,39 @@ mod tests {
         // Lines in: ann, bob, "hi there", /quit. Lines out to others:
         // the join, the message, the leave.
         assert_eq!((h.stats().frames_in, h.stats().frames_out), (4, 3));
+    }
+
+    /// Echoes, but stops reading for 1 s after each "wait", as a rate
+    /// limiter would.
+    struct Slow;
+
+    impl Service for Slow {
+        type Session = ();
+        fn on_connect(&mut self, _cx: &mut Context<'_>) {}
+        fn on_data(&mut self, cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
+            let data = input.take();
+            cx.write(data);
+            if data.ends_with(b"wait") {
+                cx.pause_reading();
+                cx.set_timer(Duration::from_secs(1));
+            }
+        }
+        fn on_timer(&mut self, cx: &mut Context<'_>, _: &mut (), _timer: TimerId) {
+            cx.resume_reading();
+        }
+    }
+
+    #[test]
+    fn input_held_while_paused_is_delivered_when_reading_resumes() {
+        let mut h = Harness::new(Slow);
+        let c = h.connect();
+        h.send(c, b"wait");
+        h.send(c, b"held ");
+        h.send(c, b"back");
+        assert_eq!(h.take_output(c), b"wait");
+        h.advance(Duration::from_millis(999));
+        assert_eq!(h.take_output(c), b"");
+        h.advance(Duration::from_millis(1));
+        assert_eq!(h.take_output(c), b"held back");
     }
 }
