@@ -56,6 +56,8 @@
 //!   loop must drain the socket or remember to come back (the
 //!   *still-ready list*).
 //! - **turn**: one wait for readiness and the handling of what it returned.
+//!   `muxserve serve --trace` prints each one (see
+//!   [`engine::TRACE_TARGET`]).
 //! - **session**: a service's per-connection state.
 //! - **backpressure**: not reading from a peer while its replies are not
 //!   being read, so the server does not buffer without bound.

@@ -147,6 +147,11 @@ struct ServeArgs {
     /// On Ctrl-C, let open connections finish for this long (seconds).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     grace: Option<Duration>,
+    /// Print what each turn of the event loop saw and did: the wait, every
+    /// event, read, send, accept, timer and close (loop engines only; the
+    /// same as RUST_LOG=muxserve::trace=trace).
+    #[arg(long)]
+    trace: bool,
 }
 
 /// A muxserve engine, or the tokio echo peer `muxserve bench` compares
@@ -186,7 +191,12 @@ fn main() -> ExitCode {
         }
         Err(e) => return usage_error(&e.to_string()),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if matches!(&cli.command, Command::Serve(args) if args.trace) {
+        logger.filter_module(muxserve::engine::TRACE_TARGET, log::LevelFilter::Trace);
+    }
+    logger.init();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
@@ -233,6 +243,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         EngineChoice::Muxserve(engine) => engine,
         EngineChoice::Tokio => return serve_tokio(&args.bindings),
     };
+    if args.trace && !matches!(engine, Engine::Mio | Engine::Poll | Engine::Select) {
+        log::warn!("--trace: the {engine} engine has no loop turns to trace");
+    }
     let bindings = if args.bindings.is_empty() {
         let mut defaults = Binding::defaults();
         if engine == Engine::Threads || key.is_some() {

@@ -1,5 +1,6 @@
 //! The `muxserve` command as a child process: descriptor exhaustion under a
-//! low RLIMIT_NOFILE, graceful shutdown on SIGTERM, and one-line errors.
+//! low RLIMIT_NOFILE, graceful shutdown on SIGTERM, one-line errors, and
+//! the loop trace.
 
 mod common;
 
@@ -237,6 +238,7 @@ fn sigterm_lets_transfers_finish_drops_a_silent_reader_and_exits_zero() {
         log.contains("shutdown cut off 1 connections (1 with"),
         "{log}"
     );
+    assert!(!log.contains("muxserve::trace"), "traced without --trace");
     drop(silent);
 }
 
@@ -282,4 +284,71 @@ fn bad_input_gets_one_line_and_exit_code_2() {
     };
     assert_eq!(code, Some(0));
     assert!(stdout_help.contains("serve"));
+}
+
+/// `serve --trace` prints what each loop turn saw and did, in order.
+#[test]
+fn trace_mode_narrates_a_connection() {
+    let mut server =
+        ServerProcess::spawn_with(Path::new(EXE), &["--trace", "echo@127.0.0.1:0"], |cmd| {
+            cmd.env_remove("RUST_LOG").stderr(Stdio::piped());
+        })
+        .unwrap();
+    let stderr = server.child().stderr.take().unwrap();
+    let log = thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut c = connect(server.addr);
+    c.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        c.read(&mut [0u8; 16]).unwrap(),
+        0,
+        "the server did not close"
+    );
+    // SAFETY: kill only sends a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while server.child().try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "the server did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let log = log.join().unwrap();
+    let steps = [
+        "readable: connections to accept",
+        "accepted #",
+        " readable",
+        "read 5 B",
+        "Echo consumed 5 of 5 B",
+        "sent 5 B",
+        "read 0 B: the peer shut down its sending side",
+        "closed: closed",
+    ];
+    let mut from = 0;
+    for step in steps {
+        let Some(at) = log[from..]
+            .iter()
+            .position(|l| l.contains("muxserve::trace") && l.contains(step))
+        else {
+            panic!(
+                "no trace line with {step:?} after line {from}:\n{}",
+                log.join("\n")
+            );
+        };
+        from += at + 1;
+    }
+    assert!(
+        log.iter().any(|l| l.contains("] turn 1: ")),
+        "{}",
+        log.join("\n")
+    );
 }

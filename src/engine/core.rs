@@ -138,6 +138,8 @@ pub(super) struct Core {
     pub stats: Stats,
     pub now: Instant,
     pub stop_requested: bool,
+    /// The loop trace is on for this turn (see [`super::TRACE_TARGET`]).
+    pub tracing: bool,
     /// Limits per service index.
     pub limits: Vec<Limits>,
     pub on_panic: PanicPolicy,
@@ -175,6 +177,7 @@ impl Core {
             stats: Stats::default(),
             now: Instant::now(),
             stop_requested: false,
+            tracing: false,
             limits: Vec::new(),
             on_panic: PanicPolicy::default(),
             write_budget: WRITE_BUDGET,
@@ -311,6 +314,7 @@ impl Core {
             let sent = c.stream.send(&self.staging);
             if let Ok(n) = sent {
                 if n == self.staging.len() {
+                    trace!(self.tracing, "    sent {n} B");
                     self.stats.bytes_out += n as u64;
                     c.last_write = self.now_tick;
                     self.staging.clear();
@@ -358,6 +362,11 @@ impl Core {
                 match sent {
                     Ok(n) => {
                         if n < staged.len() {
+                            trace!(
+                                self.tracing,
+                                "    sent {n} of {} B; the rest waits for WRITABLE",
+                                staged.len()
+                            );
                             c.output.extend(&staged[n..]);
                         }
                         c.last_write = now;
@@ -367,6 +376,12 @@ impl Core {
                 }
             } else {
                 // Earlier output is still waiting for WRITABLE: queue behind it.
+                trace!(
+                    self.tracing,
+                    "    queued {} B behind {} B unsent",
+                    staged.len(),
+                    c.output.len()
+                );
                 c.output.extend(staged);
             }
         }
@@ -396,6 +411,11 @@ impl Core {
         let chunk = &pending[..pending.len().min(self.write_budget)];
         let more = match write_some(&c.stream, chunk, &mut self.stats) {
             Ok(n) => {
+                trace!(
+                    self.tracing,
+                    "    flushed {n} of {} B pending",
+                    pending.len()
+                );
                 let more = n == chunk.len() && n < pending.len();
                 if n > 0 {
                     c.last_write = now;
@@ -459,6 +479,15 @@ impl Core {
             } else {
                 Interest::Read
             };
+            trace!(
+                self.tracing,
+                "    {id}: {} WRITABLE",
+                if want_write {
+                    "waiting for"
+                } else {
+                    "no longer waiting for"
+                }
+            );
             if let Err(e) = poller.reregister(c.stream.fd(), token(id), interest) {
                 return self.fail(id, &e);
             }

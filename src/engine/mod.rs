@@ -44,6 +44,36 @@
 //!
 //! [`Context::close`]: crate::Context::close
 
+/// The log target of the loop trace: what each turn of a loop engine saw
+/// and did, a line per step (the wait, each event, each read, what the
+/// service consumed, what was sent or queued, accepts, timers, closes).
+/// It is for learning how an event loop works, and for debugging one.
+///
+/// Turn it on with `muxserve serve --trace`, or in a program with
+/// `RUST_LOG=muxserve::trace=trace` and env_logger. When it is off, a trace
+/// point costs the `log` crate's level check. The thread engine has no
+/// turns and no trace.
+pub const TRACE_TARGET: &str = "muxserve::trace";
+
+/// One line of the loop trace, if `$on` (the loop's `Core::tracing`, read
+/// from the logger once a turn, so that a trace point on the hot path
+/// costs a test of one byte when the trace is off).
+macro_rules! trace {
+    ($on:expr, $($arg:tt)+) => {
+        if $on {
+            $crate::engine::trace_line(format_args!($($arg)+))
+        }
+    };
+}
+
+/// Writes one line of the loop trace. Out of line and cold, so that the
+/// trace points leave the hot path's code as it was.
+#[cold]
+#[inline(never)]
+pub(crate) fn trace_line(line: std::fmt::Arguments<'_>) {
+    log::trace!(target: TRACE_TARGET, "{line}");
+}
+
 pub mod mio;
 pub mod select;
 mod threads;

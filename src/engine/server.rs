@@ -148,6 +148,8 @@ struct Bound {
     /// `None` once shutdown began.
     listener: Option<StreamListener>,
     handler: Box<dyn Handler>,
+    /// The service's short name, for log lines and the trace.
+    name: &'static str,
     endpoint: Endpoint,
     /// Accepting is paused for lack of descriptors or memory.
     paused: bool,
@@ -238,6 +240,8 @@ pub struct Server {
     admission: Option<Admission>,
     /// Set by [`Server::stop_on_signals`].
     signals: Option<SignalPipe>,
+    /// Turns taken, for the trace.
+    turns: u64,
 }
 
 impl fmt::Debug for Server {
@@ -311,6 +315,7 @@ impl Server {
             last_accept_log: None,
             admission: None,
             signals: None,
+            turns: 0,
         }
     }
 
@@ -408,6 +413,7 @@ impl Server {
         self.services.push(Bound {
             listener: Some(listener),
             handler: Box::new(Hosted::new(service)),
+            name: service_name::<S>(),
             endpoint: bound.clone(),
             paused: false,
             ready: false,
@@ -496,14 +502,32 @@ impl Server {
         }
         let timeout = self.poll_timeout(timeout);
         self.events.clear();
+        self.core.tracing = log::log_enabled!(target: super::TRACE_TARGET, log::Level::Trace);
+        let waited_from = self.core.tracing.then(Instant::now);
         match self.poller.poll(&mut self.events, timeout) {
             Ok(()) => {}
             // A signal arrived while we waited; nothing was lost. Take the
             // turn without events (timers and requests still run).
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                trace!(self.core.tracing, "the wait was interrupted by a signal");
+            }
             Err(e) => return Err(e),
         }
         self.core.set_now(Instant::now());
+        self.turns += 1;
+        if let Some(from) = waited_from {
+            trace!(
+                true,
+                "turn {}: {} ready after waiting {:.1?} ({})",
+                self.turns,
+                self.events.len(),
+                self.core.now.saturating_duration_since(from),
+                match timeout {
+                    Some(t) => format!("timeout {t:.1?}"),
+                    None => "no timeout".to_string(),
+                }
+            );
+        }
         self.each_contained(self.events.len(), |server, i| {
             let event = server.events[i];
             server.dispatch(event);
@@ -535,16 +559,45 @@ impl Server {
     fn dispatch(&mut self, event: Event) {
         match event.token {
             // The handle set a request; `check_requests` reads it.
-            WAKE_TOKEN => {}
+            WAKE_TOKEN => trace!(self.core.tracing, "  waker: a request from a Handle"),
             SIGNAL_TOKEN => {
+                trace!(self.core.tracing, "  signal pipe readable");
                 if let Some(pipe) = &mut self.signals {
                     pipe.take(&self.handle);
                 }
             }
-            t if t & LISTENER_BIT != 0 => self.accept(t & !LISTENER_BIT),
-            t if t & DGRAM_BIT != 0 => self.receive(t & !DGRAM_BIT),
+            t if t & LISTENER_BIT != 0 => {
+                let s = t & !LISTENER_BIT;
+                trace!(
+                    self.core.tracing,
+                    "  {} listener on {} readable: connections to accept",
+                    self.services[s].name,
+                    self.services[s].endpoint
+                );
+                self.accept(s)
+            }
+            t if t & DGRAM_BIT != 0 => {
+                let d = t & !DGRAM_BIT;
+                trace!(
+                    self.core.tracing,
+                    "  datagram socket {} readable",
+                    self.dgrams[d].endpoint
+                );
+                self.receive(d)
+            }
             t => {
                 let id = conn_id(t);
+                trace!(
+                    self.core.tracing,
+                    "  {id} {}{}{}",
+                    if event.readable { "readable" } else { "" },
+                    if event.writable { " writable" } else { "" },
+                    if event.read_closed {
+                        " (peer closed or erred)"
+                    } else {
+                        ""
+                    }
+                );
                 if event.readable {
                     self.read(id, event.read_closed);
                 }
@@ -561,6 +614,11 @@ impl Server {
             return;
         }
         let ready = mem::take(&mut self.core.ready);
+        trace!(
+            self.core.tracing,
+            "  {} still ready from an earlier turn",
+            ready.len()
+        );
         self.each_contained(ready.len(), |server, i| server.serve_one(ready[i]));
     }
 
@@ -711,6 +769,11 @@ impl Server {
         let core = &mut self.core;
         if core.stats.active as usize >= self.max_conns {
             core.stats.rejected_limit += 1;
+            trace!(
+                core.tracing,
+                "    refused {peer}: {} connections open",
+                self.max_conns
+            );
             // Best effort: the socket is fresh, so this fits its buffer.
             let _ = stream.send(FULL_LINE);
             return;
@@ -749,6 +812,11 @@ impl Server {
         core.stats.accepted += 1;
         core.stats.active += 1;
         core.stats.peak = core.stats.peak.max(core.stats.active);
+        trace!(
+            core.tracing,
+            "    accepted {id} from {}",
+            core.get(id).map_or("?".to_string(), |c| c.peer.to_string())
+        );
 
         core.enter(id, true);
         let handler = &mut self.services[s].handler;
@@ -787,6 +855,7 @@ impl Server {
         } = self;
         let poller = &mut **poller;
         let tick = core.tick();
+        let tracing = core.tracing;
         let mut lingered_out = false;
         // One ready source this turn: read in smaller pieces, so replies
         // to the first requests of a burst go out while we read the rest
@@ -816,13 +885,17 @@ impl Server {
                 let n = match c.stream.read(&mut scratch[..want]) {
                     // The peer shut down its sending side.
                     Ok(0) => {
+                        trace!(tracing, "    read 0 B: the peer shut down its sending side");
                         c.flags |= EOF;
                         call(core, services, poller, id, |h, cx, key| h.eof(cx, key));
                         return;
                     }
                     Ok(n) => n,
                     // Drained: the next byte to arrive is a new edge.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        trace!(tracing, "    read: would block (drained)");
+                        return;
+                    }
                     // A signal arrived before any data was copied: try again.
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return core.fail(id, &e),
@@ -838,16 +911,23 @@ impl Server {
                     let mut input = Input::new(&scratch[..n]);
                     // Not guarded here: a panic unwinds to `each_contained`,
                     // which closes this connection.
+                    trace!(tracing, "    read {n} B");
                     core.enter(id, true);
                     let cx = &mut Context::new(core, id, s);
                     services[s].handler.data(cx, key, &mut input);
                     core.leave();
-                    core.commit(id, poller);
                     let consumed = input.consumed();
+                    trace!(
+                        tracing,
+                        "    {} consumed {consumed} of {n} B",
+                        services[s].name
+                    );
+                    core.commit(id, poller);
                     if consumed < n {
                         keep_leftovers(core, id, &scratch[consumed..n]);
                     }
                 } else {
+                    trace!(tracing, "    read {n} B, after input left over earlier");
                     deliver(core, services, poller, id, &scratch[..n]);
                 }
                 if n < want && !drain {
@@ -928,6 +1008,7 @@ impl Server {
     fn fire_timers(&mut self) {
         let now = self.core.now;
         while let Some((timer, kind)) = self.core.timers.pop_expired(now) {
+            trace!(self.core.tracing, "  timer fired: {kind:?}");
             match kind {
                 TimerKind::User { service, conn } if conn == ConnId::NONE => {
                     let core = &mut self.core;
@@ -1075,13 +1156,19 @@ impl Server {
             CloseReason::Panic => {}
             CloseReason::Closed | CloseReason::Aborted | CloseReason::Shutdown => {}
         }
+        let tracing = self.core.tracing;
         let Some(c) = self.core.get_mut(id) else {
             return;
         };
         if c.has(ABORT) || c.has(EOF) || !linger {
             // The peer has sent everything (or we reset): a plain close.
+            trace!(tracing, "  {id} closed: {why}");
             self.remove(id);
         } else {
+            trace!(
+                tracing,
+                "  {id} closing ({why}): FIN sent; reading until the peer's FIN"
+            );
             // Our FIN goes now; we keep reading until the peer's FIN so that
             // unread input cannot turn our close into a reset.
             c.stream.shutdown_write();
