@@ -324,8 +324,9 @@ impl Server {
     ///
     /// The signals are watched by the loop itself, through a self-pipe, not
     /// by a thread: a second thread in the process would make every socket
-    /// call in the C library slower (see `engine/signals.rs`). The handlers
-    /// are removed when the server is dropped.
+    /// call in the C library slower (see `engine/signals.rs`). When the
+    /// last server watching them is dropped, the two signals terminate the
+    /// process again, as they do by default.
     pub fn stop_on_signals(&mut self) -> io::Result<()> {
         if self.signals.is_some() {
             return Ok(());

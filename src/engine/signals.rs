@@ -11,6 +11,8 @@
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::SigId;
@@ -28,8 +30,31 @@ pub(crate) struct SignalPipe {
     seen: u32,
 }
 
+/// Signal-hook never gives a signal back to the system: once its handler is
+/// installed, removing our actions would leave SIGINT and SIGTERM caught and
+/// ignored after the last server is gone. So a fallback action, registered
+/// once per process, runs the default action (terminate) whenever no
+/// server is watching; `PIPES` counts the servers that are.
+static PIPES: AtomicUsize = AtomicUsize::new(0);
+static FALLBACK: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+/// Serialises the count with the fallback's switch.
+static SWITCH: Mutex<()> = Mutex::new(());
+
+fn fallback() -> io::Result<&'static Arc<AtomicBool>> {
+    if let Some(flag) = FALLBACK.get() {
+        return Ok(flag);
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in STOP_SIGNALS {
+        signal_hook::flag::register_conditional_default(signal, Arc::clone(&flag))?;
+    }
+    Ok(FALLBACK.get_or_init(|| flag))
+}
+
 impl SignalPipe {
     pub(crate) fn new() -> io::Result<SignalPipe> {
+        let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        let fallback = fallback()?;
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         // signal-hook writes with MSG_DONTWAIT: a full pipe drops the byte
@@ -49,6 +74,8 @@ impl SignalPipe {
                 }
             }
         }
+        PIPES.fetch_add(1, Ordering::SeqCst);
+        fallback.store(false, Ordering::SeqCst);
         Ok(SignalPipe { read, ids, seen: 0 })
     }
 
@@ -80,8 +107,16 @@ impl SignalPipe {
 
 impl Drop for SignalPipe {
     fn drop(&mut self) {
+        let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         for &id in &self.ids {
             signal_hook::low_level::unregister(id);
+        }
+        if PIPES.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last watching server is gone: the signals terminate the
+            // process again, as they did before any server was made.
+            if let Some(flag) = FALLBACK.get() {
+                flag.store(true, Ordering::SeqCst);
+            }
         }
     }
 }
