@@ -138,13 +138,7 @@ fn sigterm_lets_transfers_finish_drops_a_silent_reader_and_exits_zero() {
         },
     )
     .unwrap();
-    let stderr = server.child().stderr.take().unwrap();
-    let log = thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let log = stderr_lines(&mut server);
     let addr = server.addr;
 
     let progress = Arc::new(AtomicUsize::new(0));
@@ -217,16 +211,7 @@ fn sigterm_lets_transfers_finish_drops_a_silent_reader_and_exits_zero() {
     for c in clients {
         c.join().expect("a client lost bytes");
     }
-    let status = loop {
-        if let Some(status) = server.child().try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < grace + Duration::from_secs(5),
-            "the server did not exit"
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut server, grace + Duration::from_secs(5));
     let took = signalled.elapsed();
     assert!(status.success(), "{status}");
     assert!(
@@ -240,6 +225,29 @@ fn sigterm_lets_transfers_finish_drops_a_silent_reader_and_exits_zero() {
     );
     assert!(!log.contains("muxserve::trace"), "traced without --trace");
     drop(silent);
+}
+
+/// Collects the server's stderr, line by line, until it closes.
+fn stderr_lines(server: &mut ServerProcess) -> thread::JoinHandle<Vec<String>> {
+    let stderr = server.child().stderr.take().expect("stderr piped");
+    thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect()
+    })
+}
+
+/// Waits for the server to exit, failing the test after `limit`.
+fn wait_exit(server: &mut ServerProcess, limit: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(status) = server.child().try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < end, "the server did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn run_cli(args: &[&str]) -> (i32, String) {
@@ -294,13 +302,7 @@ fn trace_mode_narrates_a_connection() {
             cmd.env_remove("RUST_LOG").stderr(Stdio::piped());
         })
         .unwrap();
-    let stderr = server.child().stderr.take().unwrap();
-    let log = thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let log = stderr_lines(&mut server);
     let mut c = connect(server.addr);
     c.write_all(b"hello").unwrap();
     let mut back = [0u8; 5];
@@ -317,11 +319,7 @@ fn trace_mode_narrates_a_connection() {
         unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) },
         0
     );
-    let end = Instant::now() + Duration::from_secs(10);
-    while server.child().try_wait().unwrap().is_none() {
-        assert!(Instant::now() < end, "the server did not exit");
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_exit(&mut server, Duration::from_secs(10));
     let log = log.join().unwrap();
     let steps = [
         "readable: connections to accept",
