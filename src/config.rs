@@ -76,8 +76,8 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// peer and the server take turns, one core idle at a time. A quarter of
 /// that sends the first replies back while the rest is still being read.
 /// Measured (1 connection, 4 KiB requests, 16 in flight): 0.53x of tokio's
-/// requests/s with 64 KiB reads, 1.12x with this; with 10 connections the
-/// larger reads stay (1.7x tokio's, where 16 KiB reads gave 0.96x).
+/// requests/s with 64 KiB reads, 0.85-1.12x with this; with 10 connections
+/// the larger reads stay (1.7x tokio's, where 16 KiB reads gave 0.96x).
 pub const READ_CHUNK_ALONE: usize = 16 * 1024;
 
 /// The largest datagram served. The loop reads datagrams into a buffer one

@@ -628,7 +628,7 @@ impl Server {
     /// callback on the read path; see [`Server::read`]).
     ///
     /// One `catch_unwind` per batch instead of one per request: the guard
-    /// cost about 35 instructions a request, 8 % of an echo. A panic
+    /// cost 47 of 420 instructions per echoed request (callgrind). A panic
     /// unwinds to here; the connection it was about is closed (as a
     /// per-callback guard would), and the batch goes on with the next step,
     /// so no event of it is lost.
