@@ -240,12 +240,7 @@ type Outbox = Vec<Arc<PeerIo>>;
 
 /// One connection's view, lent to `Context` during callbacks.
 struct ThreadDriver<'a> {
-    shared: &'a Shared,
-    me: ConnId,
-    service: usize,
-    peer: Option<&'a PeerAddr>,
-    /// The current connection's queue (None for service callbacks).
-    io: Option<&'a PeerIo>,
+    at: Origin<'a>,
     now: Instant,
     out: &'a mut Outbox,
     close: &'a mut Option<(CloseMode, CloseReason)>,
@@ -260,10 +255,10 @@ impl Driver for ThreadDriver<'_> {
     }
 
     fn write(&mut self, to: ConnId, bytes: &[u8]) -> bool {
-        if to == self.me {
-            return self.close.is_none() && self.io.is_some_and(|io| io.queue(bytes));
+        if to == self.at.me {
+            return self.close.is_none() && self.at.io.is_some_and(|io| io.queue(bytes));
         }
-        match self.shared.peer(to) {
+        match self.at.shared.peer(to) {
             Some(io) if io.queue(bytes) => {
                 self.out.push(io);
                 true
@@ -274,17 +269,17 @@ impl Driver for ThreadDriver<'_> {
 
     fn broadcast(&mut self, service: usize, bytes: &[u8], except: Option<ConnId>) -> usize {
         let mut sent = 0;
-        let conns = lock(&self.shared.conns);
+        let conns = lock(&self.at.shared.conns);
         for (index, p) in conns.iter() {
             let id = ConnId::new(index, p.gen);
             if p.service != service || Some(id) == except || p.io.dead.load(Ordering::SeqCst) {
                 continue;
             }
-            if id == self.me && self.close.is_some() {
+            if id == self.at.me && self.close.is_some() {
                 continue;
             }
             if p.io.queue(bytes) {
-                if id != self.me {
+                if id != self.at.me {
                     self.out.push(Arc::clone(&p.io));
                 }
                 sent += 1;
@@ -294,9 +289,9 @@ impl Driver for ThreadDriver<'_> {
     }
 
     fn close(&mut self, id: ConnId, mode: CloseMode, reason: CloseReason) {
-        if id == self.me {
+        if id == self.at.me {
             self.close.get_or_insert((mode, reason));
-        } else if let Some(io) = self.shared.peer(id) {
+        } else if let Some(io) = self.at.shared.peer(id) {
             io.request_close(mode, reason);
         }
     }
@@ -307,31 +302,32 @@ impl Driver for ThreadDriver<'_> {
     }
 
     fn state(&self, id: ConnId) -> Option<(bool, bool)> {
-        if id == self.me {
+        if id == self.at.me {
             Some((self.close.is_some(), *self.paused))
         } else {
-            self.shared
+            self.at
+                .shared
                 .peer(id)
                 .map(|io| (io.dead.load(Ordering::SeqCst), false))
         }
     }
 
     fn count(&mut self, counter: Counter) {
-        *counter.field(&mut lock(&self.shared.stats)) += 1;
+        *counter.field(&mut lock(&self.at.shared.stats)) += 1;
     }
 
     fn frame_timeout(&self, id: ConnId) -> Option<Duration> {
-        (id == self.me)
-            .then(|| self.shared.limits[self.service].frame_timeout)
+        (id == self.at.me)
+            .then(|| self.at.shared.limits[self.at.service].frame_timeout)
             .flatten()
     }
 
     fn output_len(&self, id: ConnId) -> Option<usize> {
         // Bytes queued and not yet handed to the kernel; writes block, so
         // this is only ever what callbacks queued since the last flush.
-        let io = match (id == self.me, self.io) {
+        let io = match (id == self.at.me, self.at.io) {
             (true, Some(io)) => return Some(lock(&io.queued).len()),
-            _ => self.shared.peer(id)?,
+            _ => self.at.shared.peer(id)?,
         };
         let queued = lock(&io.queued).len();
         Some(queued)
@@ -339,17 +335,17 @@ impl Driver for ThreadDriver<'_> {
 
     fn peer(&self, id: ConnId) -> Option<&PeerAddr> {
         // Only the current connection's address is at hand.
-        self.peer.filter(|_| id == self.me)
+        self.at.peer.filter(|_| id == self.at.me)
     }
 
     fn set_reading(&mut self, id: ConnId, on: bool) {
-        if id == self.me {
+        if id == self.at.me {
             *self.paused = !on;
         }
     }
 
     fn set_idle_timeout(&mut self, id: ConnId, timeout: Option<Duration>) {
-        if id == self.me {
+        if id == self.at.me {
             *self.idle = timeout;
         }
     }
@@ -361,14 +357,14 @@ impl Driver for ThreadDriver<'_> {
         after: Duration,
         period: Option<Duration>,
     ) -> TimerId {
-        let gen = self.shared.next_gen();
+        let gen = self.at.shared.next_gen();
         let at = self.now + after;
-        match (&mut self.timers, conn == self.me) {
+        match (&mut self.timers, conn == self.at.me) {
             (Some(timers), true) => timers.insert_with_gen(at, period, (), gen),
             _ => {
                 let id =
-                    lock(&self.shared.service_timers).insert_with_gen(at, period, service, gen);
-                self.shared.timer_wake.notify_all();
+                    lock(&self.at.shared.service_timers).insert_with_gen(at, period, service, gen);
+                self.at.shared.timer_wake.notify_all();
                 id
             }
         }
@@ -380,11 +376,11 @@ impl Driver for ThreadDriver<'_> {
                 return true;
             }
         }
-        lock(&self.shared.service_timers).cancel(timer).is_some()
+        lock(&self.at.shared.service_timers).cancel(timer).is_some()
     }
 
     fn stop(&mut self) {
-        self.shared.handle.shutdown();
+        self.at.shared.handle.shutdown();
     }
 }
 
@@ -693,11 +689,13 @@ impl ThreadedServer {
 }
 
 /// Whom a callback is about: a connection, or (`me` NONE) a service.
+#[derive(Clone, Copy)]
 struct Origin<'a> {
     shared: &'a Shared,
     me: ConnId,
     service: usize,
     peer: Option<&'a PeerAddr>,
+    /// The current connection's queue (None for service callbacks).
     io: Option<&'a PeerIo>,
 }
 
@@ -712,8 +710,8 @@ fn run_callback(
         shared,
         me,
         service,
-        peer,
         io,
+        ..
     } = *at;
     let mut out = Outbox::new();
     let (mut no_close, mut no_pause, mut no_idle) = (None, false, None);
@@ -728,11 +726,7 @@ fn run_callback(
             None => (&mut no_close, &mut no_pause, &mut no_idle, None),
         };
         let mut driver = ThreadDriver {
-            shared,
-            me,
-            service,
-            peer,
-            io,
+            at: *at,
             now,
             out: &mut out,
             close,
