@@ -4,6 +4,9 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 
+use plotters::coord::combinators::LogCoord;
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -169,12 +172,7 @@ fn engines(results: &Results) -> Vec<&str> {
 }
 
 /// Requests/s against connections, one line per engine.
-fn rate_chart(
-    path: &Path,
-    results: &Results,
-    size: usize,
-    depth: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn rate_chart(path: &Path, results: &Results, size: usize, depth: usize) -> Drawn {
     let cells: Vec<&Cell> = results
         .cells
         .iter()
@@ -187,19 +185,13 @@ fn rate_chart(
         .map(|c| c.median(|s| s.rate))
         .fold(1.0, f64::max);
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("echo, {size} B, depth {depth}: requests/s"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(80)
-        .build_cartesian_2d(
-            (min_conns / 1.5..max_conns * 1.5).log_scale(),
-            0.0..max_rate * 1.15,
-        )?;
+    let mut chart = frame(
+        &root,
+        &format!("echo, {size} B, depth {depth}: requests/s"),
+        80,
+        min_conns / 1.5..max_conns * 1.5,
+        0.0..max_rate * 1.15,
+    )?;
     chart
         .configure_mesh()
         .x_desc("connections")
@@ -215,36 +207,18 @@ fn rate_chart(
             .map(|c| (c.conns as f64, c.median(|s| s.rate)))
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(engine)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        engine_line(&mut chart, engine, color, points.clone())?;
         chart.draw_series(
             points
                 .into_iter()
                 .map(|p| Circle::new(p, 3, color.filled())),
         )?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(chart, &root, SeriesLabelPosition::UpperRight)
 }
 
 /// The latency distribution of each engine in one cell.
-fn cdf_chart(
-    path: &Path,
-    results: &Results,
-    conns: usize,
-    size: usize,
-    depth: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn cdf_chart(path: &Path, results: &Results, conns: usize, size: usize, depth: usize) -> Drawn {
     let cells: Vec<&Cell> = results
         .cells
         .iter()
@@ -259,16 +233,13 @@ fn cdf_chart(
     let max_us = latencies().fold(10.0, f64::max);
     let min_us = latencies().fold(max_us, f64::min);
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("latency CDF, {conns} connections x {size} B, depth {depth}"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(60)
-        .build_cartesian_2d((min_us / 1.2..max_us * 1.2).log_scale(), 0.0..1.0)?;
+    let mut chart = frame(
+        &root,
+        &format!("latency CDF, {conns} connections x {size} B, depth {depth}"),
+        60,
+        min_us / 1.2..max_us * 1.2,
+        0.0..1.0,
+    )?;
     chart
         .configure_mesh()
         .x_label_formatter(&|v| format!("{v:.0}"))
@@ -285,16 +256,54 @@ fn cdf_chart(
         };
         let color = Palette99::pick(i).to_rgba();
         let points: Vec<(f64, f64)> = sample.cdf.iter().map(|&(q, us)| (us.max(1.0), q)).collect();
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-            .label(engine)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        engine_line(&mut chart, engine, color, points)?;
     }
+    finish(chart, &root, SeriesLabelPosition::LowerRight)
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<LogCoord<f64>, RangedCoordf64>>;
+type Drawn = Result<(), Box<dyn std::error::Error>>;
+
+/// A white chart with a log-scale x axis over `x` and a linear y axis.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    caption: &str,
+    y_label_area: u32,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Chart<'a, 'b>, Box<dyn std::error::Error>> {
+    root.fill(&WHITE)?;
+    Ok(ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(y_label_area)
+        .build_cartesian_2d(x.log_scale(), y)?)
+}
+
+/// One engine's line, with its legend entry.
+fn engine_line(
+    chart: &mut Chart<'_, '_>,
+    engine: &str,
+    color: RGBAColor,
+    points: Vec<(f64, f64)>,
+) -> Drawn {
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+        .label(engine)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+/// Draws the legend at `position` and writes the file.
+fn finish<'a, 'b: 'a>(
+    mut chart: Chart<'a, 'b>,
+    root: &DrawingArea<SVGBackend<'b>, Shift>,
+    position: SeriesLabelPosition,
+) -> Drawn {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(position)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
