@@ -925,7 +925,9 @@ impl Server {
                     );
                     core.commit(id, poller);
                     if consumed < n {
-                        keep_leftovers(core, id, &scratch[consumed..n]);
+                        keep_input(core, id, |held| {
+                            held.extend_from_slice(&scratch[consumed..n])
+                        });
                     }
                 } else {
                     trace!(tracing, "    read {n} B, after input left over earlier");
@@ -1349,13 +1351,14 @@ fn call(
 }
 
 /// Keeps the input a service left unconsumed (a partial frame) for the
-/// next read; a closing connection will never be shown it again.
-#[cold]
-fn keep_leftovers(core: &mut Core, id: ConnId, rest: &[u8]) {
+/// next read, as `store` puts it in the connection, and enforces the
+/// listener's input limit on it. A closing connection will never be shown
+/// its input again, so it keeps nothing.
+fn keep_input(core: &mut Core, id: ConnId, store: impl FnOnce(&mut Vec<u8>)) {
     let Some(c) = core.get_mut(id).filter(|c| !c.has(CLOSING)) else {
         return;
     };
-    c.input.extend_from_slice(rest);
+    store(&mut c.input);
     let (held, s) = (c.input.len(), c.service as usize);
     if held > core.limits[s].max_input {
         core.request_close(id, CloseMode::Abort, CloseReason::InputLimit);
@@ -1384,7 +1387,7 @@ fn deliver(
         });
         let consumed = input.consumed();
         if consumed < data.len() {
-            keep_leftovers(core, id, &data[consumed..]);
+            keep_input(core, id, |held| held.extend_from_slice(&data[consumed..]));
         }
     } else {
         let mut buf = mem::take(&mut c.input);
@@ -1395,15 +1398,9 @@ fn deliver(
         });
         let consumed = input.consumed();
         buf.drain(..consumed);
-        if let Some(c) = core.get_mut(id) {
-            if buf.is_empty() || c.has(CLOSING) {
-                buf = Vec::new(); // give the memory back
-            }
-            c.input = buf;
-            let (held, s) = (c.input.len(), c.service as usize);
-            if held > core.limits[s].max_input {
-                core.request_close(id, CloseMode::Abort, CloseReason::InputLimit);
-            }
+        if !buf.is_empty() {
+            // An empty `buf` is dropped instead: its memory goes back.
+            keep_input(core, id, |held| *held = buf);
         }
     }
 }
