@@ -311,11 +311,10 @@ impl Core {
         if c.output.is_empty() && self.staging.len() <= self.write_budget {
             // The request/response case: one `send`, and if the kernel took
             // everything and nothing was waiting on output, we are done.
-            let sent = c.stream.send(&self.staging);
+            let sent = write_some(&c.stream, &self.staging, &mut self.stats);
             if let Ok(n) = sent {
                 if n == self.staging.len() {
                     trace!(self.tracing, "    sent {n} B");
-                    self.stats.bytes_out += n as u64;
                     c.last_write = self.now_tick;
                     self.staging.clear();
                     if c.has(AFTER_WRITE_FLAGS) {
@@ -330,9 +329,9 @@ impl Core {
         }
     }
 
-    /// The rest of [`Core::commit`]: `sent` is what the first `send` of
-    /// the staged bytes returned, if there was one; queue the remainder
-    /// and apply backpressure.
+    /// The rest of [`Core::commit`]: `sent` is what writing the staged bytes
+    /// returned, if they were written; queue the remainder and apply
+    /// backpressure.
     #[cold]
     #[inline(never)]
     fn commit_rest(
@@ -348,17 +347,8 @@ impl Core {
         if let Some(c) = lookup(&mut self.conns, id) {
             if c.output.is_empty() {
                 let chunk = &staged[..staged.len().min(self.write_budget)];
-                let sent = match sent {
-                    Some(Ok(n)) => {
-                        self.stats.bytes_out += n as u64;
-                        self.stats.short_writes += 1;
-                        Ok(n)
-                    }
-                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                    Some(Err(e)) if e.kind() != io::ErrorKind::Interrupted => Err(e),
-                    // Interrupted, or nothing sent yet (over budget).
-                    _ => write_some(&c.stream, chunk, &mut self.stats),
-                };
+                // Nothing was written yet if the staged bytes were over budget.
+                let sent = sent.unwrap_or_else(|| write_some(&c.stream, chunk, &mut self.stats));
                 match sent {
                     Ok(n) => {
                         if n < staged.len() {
@@ -584,31 +574,29 @@ fn lookup(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
     conns.get_mut(id.index()).filter(|c| c.gen == id.gen())
 }
 
-/// Sends as much of `buf` as the kernel takes now.
+/// Sends as much of `buf` as the kernel takes now: one `send` (again only
+/// if a signal interrupted it), counted in the statistics.
 ///
 /// Stops at the first short write: the socket buffer is full, and trying
 /// again would only return `WouldBlock` at the cost of a system call.
 #[inline]
 fn write_some(stream: &Stream, buf: &[u8], stats: &mut Stats) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match stream.send(&buf[done..]) {
+    loop {
+        match stream.send(buf) {
             Ok(n) => {
-                done += n;
                 stats.bytes_out += n as u64;
-                if done < buf.len() {
+                if n < buf.len() {
                     stats.short_writes += 1;
-                    break;
                 }
+                return Ok(n);
             }
             // The kernel is full: WRITABLE will tell us when to go on.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             // A signal arrived before anything was sent: just try again.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(done)
 }
 
 impl Driver for Core {
