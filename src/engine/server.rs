@@ -794,6 +794,7 @@ impl Server {
             log::warn!("cannot register a connection from {peer}: {e}");
             return;
         }
+        trace!(core.tracing, "    accepted {id} from {peer}");
         entry.insert(Conn {
             stream,
             gen,
@@ -813,11 +814,6 @@ impl Server {
         core.stats.accepted += 1;
         core.stats.active += 1;
         core.stats.peak = core.stats.peak.max(core.stats.active);
-        trace!(
-            core.tracing,
-            "    accepted {id} from {}",
-            core.get(id).map_or("?".to_string(), |c| c.peer.to_string())
-        );
 
         core.enter(id, true);
         let handler = &mut self.services[s].handler;

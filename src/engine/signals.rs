@@ -11,7 +11,7 @@
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -34,11 +34,10 @@ pub(crate) struct SignalPipe {
 /// installed, removing our actions would leave SIGINT and SIGTERM caught and
 /// ignored after the last server is gone. So a fallback action, registered
 /// once per process, runs the default action (terminate) whenever no
-/// server is watching; `PIPES` counts the servers that are.
-static PIPES: AtomicUsize = AtomicUsize::new(0);
+/// server is watching; `WATCHING` counts the servers that are, and is held
+/// while the fallback is switched so the two always agree.
+static WATCHING: Mutex<usize> = Mutex::new(0);
 static FALLBACK: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-/// Serialises the count with the fallback's switch.
-static SWITCH: Mutex<()> = Mutex::new(());
 
 fn fallback() -> io::Result<&'static Arc<AtomicBool>> {
     if let Some(flag) = FALLBACK.get() {
@@ -53,7 +52,7 @@ fn fallback() -> io::Result<&'static Arc<AtomicBool>> {
 
 impl SignalPipe {
     pub(crate) fn new() -> io::Result<SignalPipe> {
-        let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watching = WATCHING.lock().unwrap_or_else(|e| e.into_inner());
         let fallback = fallback()?;
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
@@ -74,7 +73,7 @@ impl SignalPipe {
                 }
             }
         }
-        PIPES.fetch_add(1, Ordering::SeqCst);
+        *watching += 1;
         fallback.store(false, Ordering::SeqCst);
         Ok(SignalPipe { read, ids, seen: 0 })
     }
@@ -107,11 +106,12 @@ impl SignalPipe {
 
 impl Drop for SignalPipe {
     fn drop(&mut self) {
-        let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watching = WATCHING.lock().unwrap_or_else(|e| e.into_inner());
         for &id in &self.ids {
             signal_hook::low_level::unregister(id);
         }
-        if PIPES.fetch_sub(1, Ordering::SeqCst) == 1 {
+        *watching -= 1;
+        if *watching == 0 {
             // The last watching server is gone: the signals terminate the
             // process again, as they did before any server was made.
             if let Some(flag) = FALLBACK.get() {
