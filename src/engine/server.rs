@@ -1361,8 +1361,9 @@ fn keep_input(core: &mut Core, id: ConnId, store: impl FnOnce(&mut Vec<u8>)) {
     }
 }
 
-/// Shows the service its unconsumed input followed by `data`, and keeps
-/// what it leaves.
+/// Shows the service the input it left unconsumed earlier followed by
+/// `data`, and keeps what it leaves. (Input with nothing held back is
+/// delivered by [`Server::read`] itself, straight from the loop's buffer.)
 fn deliver(
     core: &mut Core,
     services: &mut [Bound],
@@ -1373,31 +1374,20 @@ fn deliver(
     let Some(c) = core.get_mut(id) else {
         return;
     };
-    if c.input.is_empty() {
-        // The common case: nothing left over, so the service reads straight
-        // from the loop's buffer and nothing is copied unless it leaves a
-        // partial frame.
-        let mut input = Input::new(data);
-        call(core, services, poller, id, |h, cx, key| {
-            h.data(cx, key, &mut input)
-        });
-        let consumed = input.consumed();
-        if consumed < data.len() {
-            keep_input(core, id, |held| held.extend_from_slice(&data[consumed..]));
-        }
-    } else {
-        let mut buf = mem::take(&mut c.input);
-        buf.extend_from_slice(data);
-        let mut input = Input::new(&buf);
-        call(core, services, poller, id, |h, cx, key| {
-            h.data(cx, key, &mut input)
-        });
-        let consumed = input.consumed();
-        buf.drain(..consumed);
-        if !buf.is_empty() {
-            // An empty `buf` is dropped instead: its memory goes back.
-            keep_input(core, id, |held| *held = buf);
-        }
+    let mut buf = mem::take(&mut c.input);
+    buf.extend_from_slice(data);
+    if buf.is_empty() {
+        return;
+    }
+    let mut input = Input::new(&buf);
+    call(core, services, poller, id, |h, cx, key| {
+        h.data(cx, key, &mut input)
+    });
+    let consumed = input.consumed();
+    buf.drain(..consumed);
+    if !buf.is_empty() {
+        // An empty `buf` is dropped instead: its memory goes back.
+        keep_input(core, id, |held| *held = buf);
     }
 }
 
