@@ -101,7 +101,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_name = "M")]
     chat: Vec<usize>,
     /// Messages one chat member sends in the fan-out test.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 2000)]
     chat_messages: usize,
     /// Write results.json, samples.csv and SVG charts here.
     #[arg(long, value_name = "DIR")]
