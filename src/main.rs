@@ -248,8 +248,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     let bindings = if args.bindings.is_empty() {
         let mut defaults = Binding::defaults();
-        if engine == Engine::Threads || key.is_some() {
-            // One thread per connection, and authentication, need streams.
+        if key.is_some() {
+            // Authentication needs a connection to hold the handshake.
             defaults.retain(|b| b.endpoint.is_stream());
         }
         defaults

@@ -286,6 +286,17 @@ impl DgramSocket {
         }
     }
 
+    /// Makes reads block for at most `timeout` (for the thread engine,
+    /// which has no poller to tell it when a datagram is there).
+    pub(crate) fn set_blocking(&self, timeout: Duration) -> io::Result<()> {
+        let sock = match self {
+            DgramSocket::Udp(s) => SockRef::from(s),
+            DgramSocket::Unix(s) => SockRef::from(s),
+        };
+        sock.set_nonblocking(false)?;
+        sock.set_read_timeout(Some(timeout))
+    }
+
     pub(crate) fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, PeerAddr)> {
         match self {
             DgramSocket::Udp(s) => s.recv_from(buf).map(|(n, a)| (n, PeerAddr::Inet(a))),
@@ -306,6 +317,33 @@ impl DgramSocket {
                 "address family does not match the socket",
             )),
         }
+    }
+}
+
+/// Binds a datagram endpoint (`udp://` or `unix-dgram://`); returns the
+/// socket, non-blocking, and where it really is (the port the kernel chose
+/// for port 0).
+pub(crate) fn dgram_socket(endpoint: &Endpoint) -> io::Result<(DgramSocket, Endpoint)> {
+    match endpoint {
+        Endpoint::Udp(addr) => {
+            let s = udp_socket(*addr)?;
+            let local = s.local_addr()?;
+            Ok((DgramSocket::Udp(s), Endpoint::Udp(local)))
+        }
+        Endpoint::UnixDatagram(path) => {
+            let socket = unix_socket(path, Type::DGRAM, DEFAULT_SOCKET_MODE, 0)?;
+            let std: std::os::unix::net::UnixDatagram = socket.into();
+            Ok((
+                DgramSocket::Unix(mio::net::UnixDatagram::from_std(std)),
+                endpoint.clone(),
+            ))
+        }
+        Endpoint::Tcp(_) | Endpoint::Unix(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{endpoint} is a stream endpoint; a datagram service needs udp:// or unix-dgram://"
+            ),
+        )),
     }
 }
 

@@ -14,6 +14,14 @@ macro_rules! stats {
             $( $(#[$doc])* pub $name: u64, )*
         }
 
+        impl Stats {
+            /// Adds what `delta` counted to these numbers (for a thread
+            /// that counts on its own and reports now and then).
+            pub(crate) fn absorb(&mut self, delta: &Stats) {
+                $( self.$name += delta.$name; )*
+            }
+        }
+
         impl fmt::Display for Stats {
             /// One line of `name=value` pairs, zero counters left out.
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -157,7 +157,7 @@ fn udp_echo_time_daytime(engine: Engine) {
     assert_ctime_now(line.strip_suffix("\r\n").expect("CRLF"));
 }
 
-on_engines!([mio_udp => Mio, poll_udp => Poll, select_udp => Select] (udp_echo_time_daytime));
+on_engines!([mio_udp => Mio, poll_udp => Poll, select_udp => Select, threads_udp => Threads] (udp_echo_time_daytime));
 
 on_every_engine!(
     echo_bytes,

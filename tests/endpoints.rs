@@ -89,10 +89,9 @@ fn udp_stamp_prefixes_the_datagram() {
     );
 }
 
-#[test]
-fn the_reflection_guard_ignores_datagrams_from_port_7() {
+fn the_reflection_guard_ignores_datagrams_from_port_7(engine: Engine) {
     let server = start_bindings(
-        Engine::Mio,
+        engine,
         vec![(Builtin::Echo, "udp://127.0.0.1:0".into())],
         UTC,
     );
@@ -113,12 +112,11 @@ fn the_reflection_guard_ignores_datagrams_from_port_7() {
     assert_eq!(report.stats.reflection_drops, 1);
 }
 
-#[test]
-fn a_unix_datagram_larger_than_the_buffer_is_dropped_and_counted() {
+fn a_unix_datagram_larger_than_the_buffer_is_dropped_and_counted(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("echo.dgram");
     let server = start_bindings(
-        Engine::Mio,
+        engine,
         vec![(Builtin::Echo, unix("unix-dgram", &path))],
         UTC,
     );
@@ -143,6 +141,33 @@ fn a_unix_datagram_larger_than_the_buffer_is_dropped_and_counted() {
     assert_eq!(report.stats.oversize_datagrams, 1);
     assert_eq!(report.stats.datagrams_out, 1);
 }
+
+fn a_panicking_datagram_callback_costs_only_that_datagram(engine: Engine) {
+    let server = start_host(engine, |host| {
+        vec![host.bind_dgram_fn(|data| {
+            assert!(data != b"boom", "the service fails on this one");
+            data.to_ascii_uppercase()
+        })]
+    });
+    let client = udp_client();
+    client.send_to(b"boom", server.udp()).unwrap();
+    client.send_to(b"still here", server.udp()).unwrap();
+    assert_eq!(recv_timeout(&client, IO_TIMEOUT).unwrap(), b"STILL HERE");
+    let report = server.shutdown();
+    assert_eq!(report.stats.panics, 1);
+    assert_eq!(
+        (report.stats.datagrams_in, report.stats.datagrams_out),
+        (2, 1)
+    );
+}
+
+// The datagram path is shared code; these run it on both kinds of engine
+// (a loop, and the thread engine's blocking thread per socket).
+on_engines!([mio_dgram => Mio, threads_dgram => Threads] (
+    the_reflection_guard_ignores_datagrams_from_port_7,
+    a_unix_datagram_larger_than_the_buffer_is_dropped_and_counted,
+    a_panicking_datagram_callback_costs_only_that_datagram,
+));
 
 #[test]
 fn unix_stream_echo_with_half_close() {

@@ -16,6 +16,11 @@
 //!    (backpressure, output caps, timeouts), never by stalling the service.
 //! 5. One failing connection closes only itself.
 //!
+//! Datagram services are simpler and served by one shared function
+//! (`dgram.rs`): each datagram is counted, dropped if it was cut short or
+//! comes from a reflector port, and otherwise handed to the service, whose
+//! replies leave at once; a panic costs only that datagram.
+//!
 //! # The loop engines
 //!
 //! [`Server`] is one event loop that keeps a slab of connections and does
@@ -40,7 +45,7 @@
 //!
 //! [`ThreadedServer`] runs the same services with one OS thread per
 //! connection and blocking std sockets: the baseline the loops are measured
-//! against.
+//! against. Each datagram socket gets a thread too.
 //!
 //! [`Context::close`]: crate::Context::close
 
@@ -79,6 +84,7 @@ pub mod select;
 mod threads;
 
 mod core;
+mod dgram;
 mod server;
 mod signals;
 
@@ -131,7 +137,7 @@ pub trait Host {
         S: Service + Send + 'static,
         S::Session: Send;
 
-    /// Serves a datagram endpoint with `service` (loop engines only).
+    /// Serves a datagram endpoint with `service`.
     fn bind_dgram<S>(
         &mut self,
         endpoint: crate::Endpoint,
@@ -214,17 +220,12 @@ impl Host for ThreadedServer {
     fn bind_dgram<S>(
         &mut self,
         endpoint: crate::Endpoint,
-        _service: S,
+        service: S,
     ) -> io::Result<crate::Endpoint>
     where
         S: crate::service::DatagramService + Send + 'static,
     {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!(
-                "the threads engine serves streams only, not {endpoint}; use mio, poll or select"
-            ),
-        ))
+        self.bind_datagram(endpoint, service)
     }
 
     fn handle(&self) -> Handle {

@@ -18,6 +18,7 @@ use super::core::{
     conn_id, token, Conn, Core, TimerKind, ABORT, CLOSE_DEADLINE, CLOSING, CONNECTED, EOF, LINGER,
     READY, REDELIVER, STALL_ARMED, WRITE_AGAIN,
 };
+use super::dgram;
 use super::mio::MioPoller;
 use super::select::FacadePoller;
 use super::signals::SignalPipe;
@@ -29,14 +30,10 @@ use super::{
 use crate::buffer::{Input, OutBuf};
 use crate::config::{
     Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, READ_CHUNK_ALONE,
-    REFLECTOR_PORTS,
 };
 use crate::net::{self, DgramSocket, Endpoint, StdListener, Stream, StreamListener, ToEndpoint};
 use crate::select::{Backend, FD_SETSIZE};
-use crate::service::{
-    CloseMode, CloseReason, ConnId, Context, DatagramContext, DatagramDriver, DatagramService,
-    PeerAddr, Service,
-};
+use crate::service::{CloseMode, CloseReason, ConnId, Context, DatagramService, PeerAddr, Service};
 use crate::stats::Stats;
 
 /// After descriptors or memory ran out, accepting is retried after this
@@ -164,43 +161,6 @@ struct DgramBound {
     handler: Box<dyn DatagramService>,
     endpoint: Endpoint,
     ready: bool,
-}
-
-/// Sends a datagram service's replies.
-struct DgramIo<'a> {
-    socket: &'a DgramSocket,
-    stats: &'a mut Stats,
-    now: Instant,
-    stop: &'a mut bool,
-}
-
-impl DatagramDriver for DgramIo<'_> {
-    fn now(&self) -> Instant {
-        self.now
-    }
-
-    fn send_to(&mut self, to: &PeerAddr, bytes: &[u8]) -> bool {
-        loop {
-            match self.socket.send_to(bytes, to) {
-                Ok(n) => {
-                    self.stats.datagrams_out += 1;
-                    self.stats.bytes_out += n as u64;
-                    return true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // WouldBlock: the socket buffer is full. Datagrams may be
-                // lost anywhere; this one is lost here.
-                Err(e) => {
-                    log::debug!("reply to {to}: {e}");
-                    return false;
-                }
-            }
-        }
-    }
-
-    fn stop(&mut self) {
-        *self.stop = true;
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,28 +319,7 @@ impl Server {
         service: S,
     ) -> io::Result<Endpoint> {
         let endpoint = endpoint.to_endpoint()?;
-        let (socket, bound) = match &endpoint {
-            Endpoint::Udp(addr) => {
-                let s = net::udp_socket(*addr)?;
-                let local = s.local_addr()?;
-                (DgramSocket::Udp(s), Endpoint::Udp(local))
-            }
-            Endpoint::UnixDatagram(path) => {
-                let socket =
-                    net::unix_socket(path, socket2::Type::DGRAM, net::DEFAULT_SOCKET_MODE, 0)?;
-                let std: std::os::unix::net::UnixDatagram = socket.into();
-                (
-                    DgramSocket::Unix(mio::net::UnixDatagram::from_std(std)),
-                    endpoint.clone(),
-                )
-            }
-            Endpoint::Tcp(_) | Endpoint::Unix(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{endpoint} is a stream endpoint; a datagram service needs udp:// or unix-dgram://"),
-                ))
-            }
-        };
+        let (socket, bound) = net::dgram_socket(&endpoint)?;
         let index = self.dgrams.len();
         self.poller
             .register(socket.fd(), DGRAM_BIT | index, Interest::Read)?;
@@ -971,27 +910,11 @@ impl Server {
                     continue;
                 }
             };
-            core.stats.datagrams_in += 1;
-            core.stats.bytes_in += n as u64;
-            if n > MAX_DATAGRAM {
-                core.stats.oversize_datagrams += 1;
-                continue;
-            }
-            if from.port().is_some_and(|p| REFLECTOR_PORTS.contains(&p)) {
-                core.stats.reflection_drops += 1;
-                continue;
-            }
-            let mut io = DgramIo {
-                socket,
-                stats: &mut core.stats,
-                now: core.now,
-                stop: &mut core.stop_requested,
-            };
-            let handler = &mut bound.handler;
+            let handler = &mut *bound.handler;
+            let (stats, stop) = (&mut core.stats, &mut core.stop_requested);
             let data = &scratch[..n];
-            if let Err(message) = contain(|| {
-                handler.on_datagram(&mut DatagramContext::new(&mut io, &from), &from, data)
-            }) {
+            if let Err(message) = dgram::serve(handler, socket, stats, core.now, stop, &from, data)
+            {
                 core.panicked(ConnId::NONE, &message);
             }
         }

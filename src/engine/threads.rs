@@ -21,6 +21,9 @@
 //! Output queues in user space only between a callback and the flush that
 //! follows it: backpressure is the kernel's socket buffer plus the blocking
 //! write.
+//!
+//! Datagram services get one thread per socket, blocking in `recv_from`;
+//! each owns its service, so they need no lock.
 
 use std::io::{self, Read};
 use std::mem;
@@ -36,12 +39,14 @@ use socket2::SockRef;
 
 use super::select::SelfPipe;
 use super::server::{SHUTDOWN, STOP};
-use super::{contain, Admission, Handle, Handler, Hosted, Report};
+use super::{contain, dgram, Admission, Handle, Handler, Hosted, Report};
 use crate::buffer::Input;
-use crate::config::{Config, Limits, PanicPolicy};
-use crate::net::{self, Endpoint, StdListener, ToEndpoint, SEND_FLAGS};
+use crate::config::{Config, Limits, PanicPolicy, MAX_DATAGRAM};
+use crate::net::{self, DgramSocket, Endpoint, StdListener, ToEndpoint, SEND_FLAGS};
 use crate::select::{Backend, Interest, Selector};
-use crate::service::{CloseMode, CloseReason, ConnId, Context, Counter, Driver, PeerAddr, Service};
+use crate::service::{
+    CloseMode, CloseReason, ConnId, Context, Counter, DatagramService, Driver, PeerAddr, Service,
+};
 use crate::stats::Stats;
 use crate::timer::{TimerId, Timers};
 
@@ -390,6 +395,7 @@ pub struct ThreadedServer {
     threads: ThreadConfig,
     listeners: Vec<(StdListener, usize, Endpoint)>,
     handlers: Vec<Mutex<Box<dyn Handler + Send>>>,
+    dgrams: Vec<DgramBound>,
     limits: Vec<Limits>,
     handle: Handle,
     wake: SelfPipe,
@@ -429,6 +435,7 @@ impl ThreadedServer {
             threads,
             listeners: Vec::new(),
             handlers: Vec::new(),
+            dgrams: Vec::new(),
             limits: Vec::new(),
             handle: Handle::new(wake.waker()),
             wake,
@@ -470,12 +477,6 @@ impl ThreadedServer {
         S: Service + Send + 'static,
         S::Session: Send,
     {
-        if !endpoint.is_stream() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("the threads engine serves streams only, not {endpoint}"),
-            ));
-        }
         let (listener, bound) =
             net::stream_listener(&endpoint, self.config.backlog, limits.send_buffer)?;
         log::info!("threads engine listening on {bound}");
@@ -484,6 +485,27 @@ impl ThreadedServer {
         self.handlers
             .push(Mutex::new(Box::new(Hosted::new(service))));
         self.limits.push(limits);
+        Ok(bound)
+    }
+
+    /// Serves datagrams arriving on `endpoint` (`udp://HOST:PORT` or
+    /// `unix-dgram:///PATH`) with `service`, on a thread of its own.
+    pub fn bind_datagram<S>(
+        &mut self,
+        endpoint: impl ToEndpoint,
+        service: S,
+    ) -> io::Result<Endpoint>
+    where
+        S: DatagramService + Send + 'static,
+    {
+        let (socket, bound) = net::dgram_socket(&endpoint.to_endpoint()?)?;
+        socket.set_blocking(ACCEPT_TICK)?;
+        log::info!("threads engine serving datagrams on {bound}");
+        self.dgrams.push(DgramBound {
+            socket,
+            handler: Box::new(service),
+            endpoint: bound.clone(),
+        });
         Ok(bound)
     }
 
@@ -532,6 +554,15 @@ impl ThreadedServer {
                 .spawn(move || service_timers(&shared))?
         };
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        for (i, bound) in mem::take(&mut self.dgrams).into_iter().enumerate() {
+            let shared = Arc::clone(&shared);
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("dgram-{i}"))
+                    .stack_size(self.threads.stack_size)
+                    .spawn(move || serve_datagrams(&shared, bound))?,
+            );
+        }
         let mut last_stats = Instant::now();
         while self.handle.requested() < SHUTDOWN {
             if let Some(every) = self.config.stats_interval {
@@ -685,6 +716,68 @@ impl ThreadedServer {
         report.stats = lock(&shared.stats).clone();
         log::info!("stopped: {}", report.stats);
         report
+    }
+}
+
+/// A datagram socket and the service behind it, until `run` gives them a
+/// thread.
+struct DgramBound {
+    socket: DgramSocket,
+    handler: Box<dyn DatagramService + Send>,
+    endpoint: Endpoint,
+}
+
+/// A datagram socket's thread: serves what arrives until shutdown begins
+/// (datagrams have nothing to finish, so it stops at once). Reads time out
+/// every [`ACCEPT_TICK`] to look for the shutdown.
+fn serve_datagrams(shared: &Shared, mut bound: DgramBound) {
+    let mut buf = vec![0; MAX_DATAGRAM + 1];
+    while shared.handle.requested() < SHUTDOWN {
+        let (n, from) = match bound.socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            // An ICMP error for an earlier reply (ECONNREFUSED and the
+            // like), reported on this read. It is used up now; go on.
+            Err(e) => {
+                log::debug!("{}: {e}", bound.endpoint);
+                continue;
+            }
+        };
+        let mut counted = Stats::default();
+        let mut stop = false;
+        let served = dgram::serve(
+            &mut *bound.handler,
+            &bound.socket,
+            &mut counted,
+            Instant::now(),
+            &mut stop,
+            &from,
+            &buf[..n],
+        );
+        if let Err(message) = served {
+            log::error!(
+                "a datagram callback on {} panicked: {message}",
+                bound.endpoint
+            );
+            counted.panics += 1;
+            stop |= shared.on_panic == PanicPolicy::Shutdown;
+        }
+        lock(&shared.stats).absorb(&counted);
+        if stop {
+            shared.handle.shutdown();
+        }
+    }
+    if let Endpoint::UnixDatagram(path) = &bound.endpoint {
+        let _ = std::fs::remove_file(path);
     }
 }
 

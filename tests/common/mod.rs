@@ -329,6 +329,24 @@ pub trait HostBind {
         key: muxserve::auth::Key,
         timeout: Duration,
     ) -> (Endpoint, std::sync::Arc<muxserve::auth::AuthCounters>);
+
+    /// Serves UDP on loopback with a datagram service that replies
+    /// `reply(datagram)`.
+    fn bind_dgram_fn(&mut self, reply: fn(&[u8]) -> Vec<u8>) -> Endpoint;
+}
+
+/// A datagram service made of a function (see [`HostBind::bind_dgram_fn`]).
+struct DgramFn(fn(&[u8]) -> Vec<u8>);
+
+impl muxserve::service::DatagramService for DgramFn {
+    fn on_datagram(
+        &mut self,
+        cx: &mut muxserve::service::DatagramContext<'_>,
+        _from: &muxserve::PeerAddr,
+        data: &[u8],
+    ) {
+        cx.reply(&(self.0)(data));
+    }
 }
 
 impl<H: muxserve::Host> HostBind for H {
@@ -354,6 +372,11 @@ impl<H: muxserve::Host> HostBind for H {
             .bind_stream(LOOPBACK.parse().unwrap(), auth, limits)
             .expect("bind");
         (bound, counters)
+    }
+
+    fn bind_dgram_fn(&mut self, reply: fn(&[u8]) -> Vec<u8>) -> Endpoint {
+        self.bind_dgram("udp://127.0.0.1:0".parse().unwrap(), DgramFn(reply))
+            .expect("bind")
     }
 }
 
