@@ -249,7 +249,8 @@ pub fn idle_bytes_per_conn(server: &ServerProcess, count: usize, size: usize) ->
     Ok((after as f64 - before as f64) / count as f64)
 }
 
-/// The median of some numbers (the mean of the middle two for an even count).
+/// The median of some numbers (the mean of the middle two for an even
+/// count). Sorts `values` in place.
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     let n = values.len();

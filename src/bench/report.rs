@@ -11,6 +11,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use super::runner::{Cell, Churn, Fanout, Idle};
+use super::{median, Sample};
 
 /// Everything one `muxserve bench` invocation measured.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -27,7 +28,9 @@ pub struct Results {
 
 /// The human-readable summary: medians per cell (and the worst latency of
 /// any run), with each engine's rate and CPU as a ratio to the reference
-/// engine (tokio if present, else the first).
+/// engine (tokio if present, else the first). Ratios are medians of
+/// run-by-run ratios, and the range of those is shown for the rate, so a
+/// difference smaller than the noise can be seen to be one.
 pub fn table(results: &Results) -> String {
     let mut out = String::new();
     let reference = if results.cells.iter().any(|c| c.engine == "tokio") {
@@ -38,13 +41,14 @@ pub fn table(results: &Results) -> String {
     if !results.cells.is_empty() {
         let _ = writeln!(
             out,
-            "{:<8} {:>6} {:>6} {:>5} {:>11} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>9}",
+            "{:<8} {:>6} {:>6} {:>5} {:>11} {:>7} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>9}",
             "engine",
             "conns",
             "size",
             "depth",
             "req/s",
             "vs ref",
+            "runs",
             "p50 µs",
             "p99 µs",
             "p99.9 µs",
@@ -62,29 +66,31 @@ pub fn table(results: &Results) -> String {
                 && c.size == cell.size
                 && c.depth == cell.depth
         });
-        let rate = cell.median(|s| s.rate);
-        let total = cell.median(|s| s.cpu_us.0 + s.cpu_us.1);
-        let (vs_rate, vs_cpu) = base.map_or((f64::NAN, f64::NAN), |b| {
-            (
-                rate / b.median(|s| s.rate),
-                total / b.median(|s| s.cpu_us.0 + s.cpu_us.1),
-            )
-        });
+        let total_cpu = |s: &Sample| s.cpu_us.0 + s.cpu_us.1;
+        let mut rate_ratios = base.map_or_else(Vec::new, |b| cell.ratios(b, |s| s.rate));
+        let vs_cpu = base.map_or(f64::NAN, |b| median(&mut cell.ratios(b, total_cpu)));
+        let vs_rate = median(&mut rate_ratios);
+        // `median` sorted them.
+        let range = match (rate_ratios.first(), rate_ratios.last()) {
+            (Some(lo), Some(hi)) => format!("{lo:.2}-{hi:.2}"),
+            _ => "-".to_string(),
+        };
         let _ = writeln!(
             out,
-            "{:<8} {:>6} {:>6} {:>5} {:>11.0} {:>6.2}x {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.3} {:>10.3} {:>7.2}x {:>9.0}",
+            "{:<8} {:>6} {:>6} {:>5} {:>11.0} {:>6.2}x {:>11} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.3} {:>10.3} {:>7.2}x {:>9.0}",
             cell.engine,
             cell.conns,
             cell.size,
             cell.depth,
-            rate,
+            cell.median(|s| s.rate),
             vs_rate,
+            range,
             cell.median(|s| s.latency_us[0]),
             cell.median(|s| s.latency_us[1]),
             cell.median(|s| s.latency_us[2]),
             cell.worst(|s| s.latency_us[3]),
             cell.median(|s| s.cpu_us.0),
-            total,
+            cell.median(total_cpu),
             vs_cpu,
             cell.median(|s| s.rss as f64) / 1024.0
         );

@@ -51,6 +51,18 @@ impl Cell {
         median(&mut self.samples.iter().map(f).collect::<Vec<_>>())
     }
 
+    /// `f` of each run divided by `f` of the same run of `base`. Runs are
+    /// interleaved, so run i of two engines happened moments apart: the
+    /// ratio of a pair cancels out most of what the machine was doing then,
+    /// which the ratio of two medians does not.
+    pub fn ratios(&self, base: &Cell, f: impl Fn(&Sample) -> f64) -> Vec<f64> {
+        self.samples
+            .iter()
+            .zip(&base.samples)
+            .map(|(a, b)| f(a) / f(b))
+            .collect()
+    }
+
     /// The largest `f` of any run (for the worst latency seen).
     pub fn worst(&self, f: impl Fn(&Sample) -> f64) -> f64 {
         self.samples.iter().map(f).fold(f64::NAN, f64::max)
