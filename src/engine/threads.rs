@@ -547,22 +547,23 @@ impl ThreadedServer {
         for (i, (l, _, _)) in self.listeners.iter().enumerate() {
             selector.register(l.fd(), Interest::READ, i)?;
         }
-        let timer_thread = {
-            let shared = Arc::clone(&shared);
-            thread::Builder::new()
-                .name("service-timers".into())
-                .spawn(move || service_timers(&shared))?
-        };
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
-        for (i, bound) in mem::take(&mut self.dgrams).into_iter().enumerate() {
-            let shared = Arc::clone(&shared);
-            workers.push(
+        let started = self
+            .start_datagram_threads(&shared, &mut workers)
+            .and_then(|()| {
+                let shared = Arc::clone(&shared);
                 thread::Builder::new()
-                    .name(format!("dgram-{i}"))
-                    .stack_size(self.threads.stack_size)
-                    .spawn(move || serve_datagrams(&shared, bound))?,
-            );
-        }
+                    .name("service-timers".into())
+                    .spawn(move || service_timers(&shared))
+            });
+        let timer_thread = match started {
+            Ok(thread) => thread,
+            Err(e) => {
+                // The datagram threads already running see this and end.
+                self.handle.stop();
+                return Err(e);
+            }
+        };
         let mut last_stats = Instant::now();
         while self.handle.requested() < SHUTDOWN {
             if let Some(every) = self.config.stats_interval {
@@ -592,6 +593,24 @@ impl ThreadedServer {
         shared.timer_wake.notify_all();
         let _ = timer_thread.join();
         Ok(report)
+    }
+
+    /// Gives each datagram socket its thread.
+    fn start_datagram_threads(
+        &mut self,
+        shared: &Arc<Shared>,
+        workers: &mut Vec<JoinHandle<()>>,
+    ) -> io::Result<()> {
+        for (i, bound) in mem::take(&mut self.dgrams).into_iter().enumerate() {
+            let shared = Arc::clone(shared);
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("dgram-{i}"))
+                    .stack_size(self.threads.stack_size)
+                    .spawn(move || serve_datagrams(&shared, bound))?,
+            );
+        }
+        Ok(())
     }
 
     fn accept(
