@@ -407,6 +407,7 @@ impl std::fmt::Debug for ThreadedServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ThreadedServer")
             .field("listeners", &self.listeners.len())
+            .field("datagram_sockets", &self.dgrams.len())
             .field("threads", &self.threads)
             .finish()
     }
