@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use muxserve::services::{Discard, Echo};
+use muxserve::services::{Discard, Echo, Stamp, Zone};
 use muxserve::{ConnId, Context, Input, Server, Service};
 use rand::{Rng, SeedableRng};
 
@@ -243,4 +243,55 @@ fn idle_connections_hold_no_buffers_after_echoing() {
     assert_eq!(server.connections(), 100);
     assert_eq!(server.buffered().capacity, 0, "{:?}", server.buffered());
     drop(clients);
+}
+
+#[test]
+fn held_input_and_output_are_freed_once_they_drain() {
+    let mut server = Server::new().unwrap();
+    let echo = local(&mut server, Echo);
+    let stamp = local(&mut server, Stamp::service(Zone::Utc));
+    let wait = Duration::from_secs(20);
+
+    // Input: half a line waits in the connection until its end arrives.
+    let mut liner = connect(stamp);
+    liner.write_all(b"half a li").unwrap();
+    step_until(&mut server, wait, |s| s.buffered().input == 9);
+    liner.write_all(b"ne\n").unwrap();
+    // The reply is sent in the turn that takes the line.
+    step_until(&mut server, wait, |s| s.buffered().input == 0);
+    let mut reply = Vec::new();
+    while !reply.ends_with(b"\n") {
+        let mut byte = [0];
+        std::io::Read::read_exact(&mut liner, &mut byte).unwrap();
+        reply.push(byte[0]);
+    }
+    assert!(reply.ends_with(b"] half a line\r\n"), "{reply:?}");
+    assert_eq!(server.buffered(), Default::default());
+
+    // Output: a client that does not read leaves replies queued.
+    let mut silent = connect(echo);
+    silent.set_nonblocking(true).unwrap();
+    let data = pattern(8 * MIB, 3);
+    let mut sent = 0;
+    step_until(&mut server, wait, |s| {
+        if let Ok(n) = silent.write(&data[sent..]) {
+            sent += n;
+        }
+        s.buffered().output > 0
+    });
+    // Now it reads everything; the queues and what holds them go.
+    let mut back = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    step_until(&mut server, wait, |s| {
+        if sent < data.len() {
+            if let Ok(n) = silent.write(&data[sent..]) {
+                sent += n;
+            }
+        }
+        while let Ok(n) = std::io::Read::read(&mut silent, &mut buf) {
+            back.extend_from_slice(&buf[..n]);
+        }
+        back.len() == data.len() && s.buffered() == Default::default()
+    });
+    assert!(back == data, "echoed bytes differ");
 }

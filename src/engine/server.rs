@@ -27,7 +27,7 @@ use super::{
     contain, panic_message, Admission, Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT,
     LISTENER_BIT, SIGNAL_TOKEN, WAKE_TOKEN,
 };
-use crate::buffer::{Input, OutBuf};
+use crate::buffer::Input;
 use crate::config::{
     Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, READ_CHUNK_ALONE,
 };
@@ -136,7 +136,8 @@ pub struct Buffered {
     pub input: usize,
     /// Output waiting for the kernel, all connections.
     pub output: usize,
-    /// Heap capacity behind both.
+    /// Heap bytes behind both, including what holds them (a connection
+    /// with nothing held has nothing on the heap).
     pub capacity: usize,
 }
 
@@ -395,9 +396,11 @@ impl Server {
     pub fn buffered(&self) -> Buffered {
         let mut b = Buffered::default();
         for (_, c) in &self.core.conns {
-            b.input += c.input.len();
-            b.output += c.output.len();
-            b.capacity += c.input.capacity() + c.output.capacity();
+            if let Some(h) = &c.held {
+                b.input += h.input.len();
+                b.output += h.output.len();
+                b.capacity += mem::size_of_val(&**h) + h.input.capacity() + h.output.capacity();
+            }
         }
         b
     }
@@ -741,8 +744,7 @@ impl Server {
             session: 0,
             flags: 0,
             reason: CloseReason::Closed,
-            input: Vec::new(),
-            output: OutBuf::new(),
+            held: None,
             peer,
             last_read: tick,
             last_write: tick,
@@ -837,8 +839,11 @@ impl Server {
                     Err(e) => return core.fail(id, &e),
                 };
                 c.last_read = tick;
-                let (s, key, leftovers) =
-                    (c.service as usize, c.session as usize, !c.input.is_empty());
+                let (s, key, leftovers) = (
+                    c.service as usize,
+                    c.session as usize,
+                    !c.input().is_empty(),
+                );
                 core.stats.bytes_in += n as u64;
                 if !leftovers {
                     // The common case, inlined: nothing left over, so the
@@ -968,8 +973,7 @@ impl Server {
                     let Some(c) = self.core.get(conn) else {
                         continue;
                     };
-                    let (pending, flags, last_write) =
-                        (!c.output.is_empty(), c.flags, c.last_write);
+                    let (pending, flags, last_write) = (c.output_len() > 0, c.flags, c.last_write);
                     let stalled = self.core.since(last_write);
                     let Some(c) = self.core.get_mut(conn) else {
                         continue;
@@ -1039,7 +1043,7 @@ impl Server {
         if c.has(LINGER) {
             return; // already done
         }
-        if !c.has(ABORT) && !c.output.is_empty() {
+        if !c.has(ABORT) && c.output_len() > 0 {
             // Still flushing: `after_write` brings it back when done, and a
             // deadline makes sure a peer that never reads cannot stall it.
             if !c.has(CLOSE_DEADLINE) {
@@ -1095,7 +1099,7 @@ impl Server {
             // unread input cannot turn our close into a reset.
             c.stream.shutdown_write();
             c.flags |= LINGER;
-            c.input = Vec::new();
+            drop(c.take_input());
             let at = self.core.now + self.config.linger;
             self.core
                 .timers
@@ -1187,9 +1191,9 @@ impl Server {
             let Some(c) = self.core.get_mut(id) else {
                 continue;
             };
-            if !c.output.is_empty() {
+            if c.output_len() > 0 {
                 self.report.dropped += 1;
-                self.report.dropped_bytes += c.output.len() as u64;
+                self.report.dropped_bytes += c.output_len() as u64;
                 c.flags |= ABORT;
             }
             c.flags |= CLOSING;
@@ -1277,8 +1281,8 @@ fn keep_input(core: &mut Core, id: ConnId, store: impl FnOnce(&mut Vec<u8>)) {
     let Some(c) = core.get_mut(id).filter(|c| !c.has(CLOSING)) else {
         return;
     };
-    store(&mut c.input);
-    let (held, s) = (c.input.len(), c.service as usize);
+    store(&mut c.held().input);
+    let (held, s) = (c.input().len(), c.service as usize);
     if held > core.limits[s].max_input {
         core.request_close(id, CloseMode::Abort, CloseReason::InputLimit);
     }
@@ -1297,7 +1301,7 @@ fn deliver(
     let Some(c) = core.get_mut(id) else {
         return;
     };
-    let mut buf = mem::take(&mut c.input);
+    let mut buf = c.take_input();
     buf.extend_from_slice(data);
     if buf.is_empty() {
         return;
