@@ -794,7 +794,6 @@ impl Server {
         let poller = &mut **poller;
         let tick = core.tick();
         let tracing = core.tracing;
-        let mut lingered_out = false;
         // One ready source this turn: read in smaller pieces, so replies
         // to the first requests of a burst go out while we read the rest
         // (see `READ_CHUNK_ALONE`).
@@ -803,89 +802,86 @@ impl Server {
         } else {
             READ_CHUNK
         };
-        'reads: {
-            for _ in 0..config.reads_per_wakeup {
-                let Some(c) = core.get_mut(id) else {
-                    return;
-                };
-                if c.has(LINGER | REDELIVER) {
-                    if c.has(LINGER) {
-                        lingered_out = linger_read(&c.stream, scratch);
-                        break 'reads;
+        for _ in 0..config.reads_per_wakeup {
+            let Some(c) = core.get_mut(id) else {
+                return;
+            };
+            if c.has(LINGER | REDELIVER) {
+                if c.has(LINGER) {
+                    if linger_read(&c.stream, scratch) {
+                        self.remove(id);
                     }
-                    c.flags &= !REDELIVER;
-                    deliver(core, services, poller, id, &[]);
-                    continue;
-                }
-                if !c.wants_read() {
                     return;
                 }
-                let n = match c.stream.read(&mut scratch[..want]) {
-                    // The peer shut down its sending side.
-                    Ok(0) => {
-                        trace!(tracing, "    read 0 B: the peer shut down its sending side");
-                        c.flags |= EOF;
-                        call(core, services, poller, id, |h, cx, key| h.eof(cx, key));
-                        return;
-                    }
-                    Ok(n) => n,
-                    // Drained: the next byte to arrive is a new edge.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        trace!(tracing, "    read: would block (drained)");
-                        return;
-                    }
-                    // A signal arrived before any data was copied: try again.
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return core.fail(id, &e),
-                };
-                c.last_read = tick;
-                let (s, key, leftovers) = (
-                    c.service as usize,
-                    c.session as usize,
-                    !c.input().is_empty(),
-                );
-                core.stats.bytes_in += n as u64;
-                if !leftovers {
-                    // The common case, inlined: nothing left over, so the
-                    // service reads straight from the loop's buffer, and only
-                    // a partial frame it leaves is copied.
-                    let mut input = Input::new(&scratch[..n]);
-                    // Not guarded here: a panic unwinds to `each_contained`,
-                    // which closes this connection.
-                    trace!(tracing, "    read {n} B");
-                    core.enter(id, true);
-                    let cx = &mut Context::new(core, id, s);
-                    services[s].handler.data(cx, key, &mut input);
-                    core.leave();
-                    let consumed = input.consumed();
-                    trace!(
-                        tracing,
-                        "    {} consumed {consumed} of {n} B",
-                        services[s].name
-                    );
-                    core.commit(id, poller);
-                    if consumed < n {
-                        keep_input(core, id, |held| {
-                            held.extend_from_slice(&scratch[consumed..n])
-                        });
-                    }
-                } else {
-                    trace!(tracing, "    read {n} B, after input left over earlier");
-                    deliver(core, services, poller, id, &scratch[..n]);
-                }
-                if n < want && !drain {
-                    // A short read emptied the socket's queue for now. Reading
-                    // again would only say WouldBlock, one system call per
-                    // request for nothing; new data brings a new edge.
-                    return;
-                }
+                c.flags &= !REDELIVER;
+                deliver(core, services, poller, id, &[]);
+                continue;
             }
-            // Budget spent with data maybe left: let the others have a turn.
-            core.mark_ready(id);
+            if !c.wants_read() {
+                return;
+            }
+            let n = match c.stream.read(&mut scratch[..want]) {
+                // The peer shut down its sending side.
+                Ok(0) => {
+                    trace!(tracing, "    read 0 B: the peer shut down its sending side");
+                    c.flags |= EOF;
+                    call(core, services, poller, id, |h, cx, key| h.eof(cx, key));
+                    return;
+                }
+                Ok(n) => n,
+                // Drained: the next byte to arrive is a new edge.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    trace!(tracing, "    read: would block (drained)");
+                    return;
+                }
+                // A signal arrived before any data was copied: try again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return core.fail(id, &e),
+            };
+            c.last_read = tick;
+            let (s, key, leftovers) = (
+                c.service as usize,
+                c.session as usize,
+                !c.input().is_empty(),
+            );
+            core.stats.bytes_in += n as u64;
+            if !leftovers {
+                // The common case, inlined: nothing left over, so the
+                // service reads straight from the loop's buffer, and only
+                // a partial frame it leaves is copied.
+                let mut input = Input::new(&scratch[..n]);
+                // Not guarded here: a panic unwinds to `each_contained`,
+                // which closes this connection.
+                trace!(tracing, "    read {n} B");
+                core.enter(id, true);
+                let cx = &mut Context::new(core, id, s);
+                services[s].handler.data(cx, key, &mut input);
+                core.leave();
+                let consumed = input.consumed();
+                trace!(
+                    tracing,
+                    "    {} consumed {consumed} of {n} B",
+                    services[s].name
+                );
+                core.commit(id, poller);
+                if consumed < n {
+                    keep_input(core, id, |held| {
+                        held.extend_from_slice(&scratch[consumed..n])
+                    });
+                }
+            } else {
+                trace!(tracing, "    read {n} B, after input left over earlier");
+                deliver(core, services, poller, id, &scratch[..n]);
+            }
+            if n < want && !drain {
+                // A short read emptied the socket's queue for now. Reading
+                // again would only say WouldBlock, one system call per
+                // request for nothing; new data brings a new edge.
+                return;
+            }
         }
-        if lingered_out {
-            self.remove(id);
-        }
+        // Budget spent with data maybe left: let the others have a turn.
+        core.mark_ready(id);
     }
 
     // ---- datagrams ----------------------------------------------------
