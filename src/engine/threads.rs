@@ -330,12 +330,11 @@ impl Driver for ThreadDriver<'_> {
     fn output_len(&self, id: ConnId) -> Option<usize> {
         // Bytes queued and not yet handed to the kernel; writes block, so
         // this is only ever what callbacks queued since the last flush.
-        let io = match (id == self.at.me, self.at.io) {
-            (true, Some(io)) => return Some(lock(&io.queued).len()),
-            _ => self.at.shared.peer(id)?,
-        };
-        let queued = lock(&io.queued).len();
-        Some(queued)
+        let queued = |io: &PeerIo| lock(&io.queued).len();
+        match self.at.io.filter(|_| id == self.at.me) {
+            Some(io) => Some(queued(io)),
+            None => self.at.shared.peer(id).map(|io| queued(&io)),
+        }
     }
 
     fn peer(&self, id: ConnId) -> Option<&PeerAddr> {
@@ -706,14 +705,9 @@ impl ThreadedServer {
             self.config.grace
         );
         for s in 0..shared.handlers.len() {
-            let at = Origin {
-                shared,
-                me: ConnId::NONE,
-                service: s,
-                peer: None,
-                io: None,
-            };
-            run_callback(&at, None, now, |h, cx| h.shutdown(cx));
+            run_callback(&Origin::service(shared, s), None, now, |h, cx| {
+                h.shutdown(cx)
+            });
         }
         let deadline = now + self.config.grace;
         let mut report = Report::default();
@@ -810,6 +804,20 @@ struct Origin<'a> {
     peer: Option<&'a PeerAddr>,
     /// The current connection's queue (None for service callbacks).
     io: Option<&'a PeerIo>,
+}
+
+impl<'a> Origin<'a> {
+    /// A callback about service `service` as a whole (a service timer,
+    /// shutdown), not about a connection.
+    fn service(shared: &'a Shared, service: usize) -> Origin<'a> {
+        Origin {
+            shared,
+            me: ConnId::NONE,
+            service,
+            peer: None,
+            io: None,
+        }
+    }
 }
 
 /// Runs one callback under the service lock, then sends what it produced.
@@ -1072,14 +1080,9 @@ fn service_timers(shared: &Shared) {
         let now = Instant::now();
         if let Some((timer, service)) = timers.pop_expired(now) {
             drop(timers);
-            let at = Origin {
-                shared,
-                me: ConnId::NONE,
-                service,
-                peer: None,
-                io: None,
-            };
-            run_callback(&at, None, now, |h, cx| h.service_timer(cx, timer));
+            run_callback(&Origin::service(shared, service), None, now, |h, cx| {
+                h.service_timer(cx, timer)
+            });
             timers = lock(&shared.service_timers);
             continue;
         }
