@@ -226,9 +226,7 @@ impl Chat {
 /// Queues one line (given without its line end) for `member`, enforcing
 /// the output caps.
 fn deliver(cx: &mut Context<'_>, member: &mut Member, line: &[u8], caps: &Caps, now: Instant) {
-    // Lines out may be a little longer than lines in (the "<nick> " prefix).
-    let mut lines = Delimited::lines(MAX_LINE + 64);
-    match cx.send_frame(member.id, &mut lines, line) {
+    match cx.send_frame(member.id, &mut super::reply_lines(), line) {
         Ok(true) => {}
         Ok(false) => return, // already closing
         Err(e) => {

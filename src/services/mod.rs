@@ -21,9 +21,17 @@ use std::io;
 use std::str::FromStr;
 
 use crate::auth::{Authenticated, Key};
+use crate::codec::{Delimited, MAX_LINE};
 use crate::engine::Host;
 use crate::net::Endpoint;
 use crate::service::Service;
+
+/// The encoder for lines the line services send: as long as a line in
+/// may be, plus room for what a reply adds in front (a time stamp, a
+/// nickname).
+pub(crate) fn reply_lines() -> Delimited {
+    Delimited::lines(MAX_LINE + 64)
+}
 
 /// A built-in service, by the name used in `SERVICE@ADDR`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

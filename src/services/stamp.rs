@@ -32,8 +32,7 @@ impl FrameService for Stamp {
     fn on_frame(&mut self, cx: &mut Context<'_>, _: &mut (), line: &[u8]) {
         let mut reply = format!("[{}] ", ctime(SystemTime::now(), self.zone)).into_bytes();
         reply.extend_from_slice(line);
-        // Replies may be a little longer than requests (the time stamp).
-        if let Err(e) = cx.write_frame(&mut Delimited::lines(MAX_LINE + 64), &reply) {
+        if let Err(e) = cx.write_frame(&mut super::reply_lines(), &reply) {
             cx.write(format!("error: {e}\r\n").as_bytes());
         }
     }
