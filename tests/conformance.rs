@@ -157,8 +157,6 @@ fn udp_echo_time_daytime(engine: Engine) {
     assert_ctime_now(line.strip_suffix("\r\n").expect("CRLF"));
 }
 
-on_engines!([mio_udp => Mio, poll_udp => Poll, select_udp => Select, threads_udp => Threads] (udp_echo_time_daytime));
-
 on_every_engine!(
     echo_bytes,
     echo_half_close,
@@ -166,4 +164,5 @@ on_every_engine!(
     time_four_bytes_then_eof,
     stamp_lines_in_order,
     chat_three_members,
+    udp_echo_time_daytime,
 );
