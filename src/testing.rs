@@ -138,7 +138,7 @@ impl<S: Service> Harness<S> {
             self.service.on_connect(&mut cx)
         };
         self.sessions[index] = Some(session);
-        self.settle(id);
+        self.settle();
         id
     }
 
@@ -152,7 +152,7 @@ impl<S: Service> Harness<S> {
         if !c.paused {
             self.deliver(id);
         }
-        self.settle(id);
+        self.settle();
     }
 
     /// Shows the service the input held for `id`, keeping what it leaves.
@@ -175,7 +175,7 @@ impl<S: Service> Harness<S> {
     pub fn eof(&mut self, id: ConnId) {
         if self.open_conn(id).is_some() {
             self.with_session(id, |service, cx, session| service.on_eof(cx, session));
-            self.settle(id);
+            self.settle();
         }
     }
 
@@ -186,7 +186,7 @@ impl<S: Service> Harness<S> {
                 CloseMode::Abort,
                 CloseReason::Error(std::io::ErrorKind::ConnectionReset),
             ));
-            self.settle(id);
+            self.settle();
         }
     }
 
@@ -217,12 +217,12 @@ impl<S: Service> Harness<S> {
                     self.state.current = ConnId::NONE;
                     let mut cx = Context::new(&mut self.state, ConnId::NONE, 0);
                     self.service.on_service_timer(&mut cx, timer);
-                    self.settle(ConnId::NONE);
+                    self.settle();
                 } else if self.is_open(conn) {
                     self.with_session(conn, |service, cx, session| {
                         service.on_timer(cx, session, timer)
                     });
-                    self.settle(conn);
+                    self.settle();
                 } else {
                     self.state.timers.cancel(timer);
                 }
@@ -266,7 +266,7 @@ impl<S: Service> Harness<S> {
     /// callback closed), with `on_close` last, and shows connections whose
     /// reading resumed the input they were holding, as an engine would at
     /// the end of a turn.
-    fn settle(&mut self, _id: ConnId) {
+    fn settle(&mut self) {
         loop {
             let next = self
                 .state
