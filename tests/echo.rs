@@ -268,8 +268,9 @@ fn held_input_and_output_are_freed_once_they_drain() {
     assert!(reply.ends_with(b"] half a line\r\n"), "{reply:?}");
     assert_eq!(server.buffered(), Default::default());
 
-    // Output: a client that does not read leaves replies queued.
-    let mut silent = connect(echo);
+    // Output: a client that does not read leaves replies queued (its small
+    // receive window keeps the kernel from absorbing them all).
+    let mut silent = small_window_client(echo);
     silent.set_nonblocking(true).unwrap();
     let data = pattern(8 * MIB, 3);
     let mut sent = 0;
