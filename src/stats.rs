@@ -16,7 +16,8 @@ macro_rules! stats {
 
         impl Stats {
             /// Adds what `delta` counted to these numbers (for a thread
-            /// that counts on its own and reports now and then).
+            /// that counts on its own, then adds its counts under the
+            /// lock in one step).
             pub(crate) fn absorb(&mut self, delta: &Stats) {
                 $( self.$name += delta.$name; )*
             }
