@@ -68,27 +68,28 @@ struct BenchArgs {
     /// Drive this external echo server instead of starting our own.
     #[arg(long, value_name = "ADDR")]
     target: Option<std::net::SocketAddr>,
-    /// Servers to start: mio, poll, select, threads, tokio (comma separated).
+    /// Servers to start: mio, poll, select, threads, and the peers tokio and
+    /// bare (a minimal mio echo loop); comma separated.
     #[arg(long, value_delimiter = ',', default_value = "mio,poll,threads,tokio")]
-    engines: Vec<String>,
+    engines: Vec<EngineChoice>,
     /// Concurrent connections (a list makes a matrix).
-    #[arg(long, value_delimiter = ',', default_value = "100")]
+    #[arg(long, value_delimiter = ',', default_value = "100", value_parser = at_least::<1>)]
     conns: Vec<usize>,
     /// Bytes per request (a list makes a matrix).
-    #[arg(long, value_delimiter = ',', default_value = "64")]
+    #[arg(long, value_delimiter = ',', default_value = "64", value_parser = at_least::<1>)]
     sizes: Vec<usize>,
     /// Requests in flight per connection (a list makes a matrix).
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = at_least::<1>)]
     depth: Vec<usize>,
     /// Seconds of warm-up before each measured run.
     #[arg(long, default_value = "1", value_parser = seconds)]
     warmup: Duration,
     /// Seconds measured per run.
-    #[arg(long, default_value = "5", value_parser = seconds)]
+    #[arg(long, default_value = "5", value_parser = some_seconds)]
     duration: Duration,
     /// Runs per cell and engine, interleaved across engines; medians are
     /// reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value = "5", value_parser = at_least::<1>)]
     runs: usize,
     /// Also measure server memory per idle connection with this many
     /// connections, each having echoed once (0 = skip).
@@ -98,10 +99,11 @@ struct BenchArgs {
     #[arg(long, default_value = "0", value_parser = seconds, value_name = "SECS")]
     churn: Duration,
     /// Also measure chat fan-out with these member counts (comma separated).
-    #[arg(long, value_delimiter = ',', value_name = "M")]
+    /// One member sends, the others receive, so at least 2.
+    #[arg(long, value_delimiter = ',', value_name = "M", value_parser = at_least::<2>)]
     chat: Vec<usize>,
     /// Messages one chat member sends in the fan-out test.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value = "2000", value_parser = at_least::<1>)]
     chat_messages: usize,
     /// Write results.json, samples.csv and SVG charts here.
     #[arg(long, value_name = "DIR")]
@@ -111,7 +113,7 @@ struct BenchArgs {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// The engine that runs the services: mio, poll, select or threads
-    /// (and tokio, the benchmark's echo peer).
+    /// (or an echo peer for `muxserve bench`: tokio, bare).
     #[arg(long, default_value = "mio")]
     engine: EngineChoice,
     /// SERVICE@ADDRESS, e.g. echo@127.0.0.1:7007 or discard@unix:///tmp/d.sock
@@ -154,22 +156,60 @@ struct ServeArgs {
     trace: bool,
 }
 
-/// A muxserve engine, or the tokio echo peer `muxserve bench` compares
+/// A muxserve engine, or one of the echo peers `muxserve bench` compares
 /// against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum EngineChoice {
     Muxserve(Engine),
+    Peer(Peer),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    /// tokio's current-thread runtime (the `tokio-peer` feature).
     Tokio,
+    /// An echo loop written straight on mio: the floor.
+    Bare,
+}
+
+impl EngineChoice {
+    fn name(self) -> &'static str {
+        match self {
+            EngineChoice::Muxserve(engine) => engine.name(),
+            EngineChoice::Peer(Peer::Tokio) => "tokio",
+            EngineChoice::Peer(Peer::Bare) => "bare",
+        }
+    }
 }
 
 impl std::str::FromStr for EngineChoice {
     type Err = String;
 
     fn from_str(s: &str) -> Result<EngineChoice, String> {
-        if s == "tokio" && cfg!(feature = "tokio-peer") {
-            return Ok(EngineChoice::Tokio);
+        match s {
+            "tokio" if cfg!(feature = "tokio-peer") => Ok(EngineChoice::Peer(Peer::Tokio)),
+            "bare" => Ok(EngineChoice::Peer(Peer::Bare)),
+            _ => s.parse().map(EngineChoice::Muxserve).map_err(|_| {
+                format!("unknown engine {s:?} (mio, poll, select, threads; peers: tokio, bare)")
+            }),
         }
-        s.parse().map(EngineChoice::Muxserve)
+    }
+}
+
+/// A whole number no smaller than `MIN`.
+fn at_least<const MIN: usize>(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= MIN => Ok(n),
+        Ok(_) => Err(format!("must be at least {MIN}")),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// A number of seconds greater than zero.
+fn some_seconds(s: &str) -> Result<Duration, String> {
+    match seconds(s)? {
+        d if d.is_zero() => Err("must be more than 0 seconds".to_string()),
+        d => Ok(d),
     }
 }
 
@@ -241,7 +281,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let engine = match args.engine {
         EngineChoice::Muxserve(engine) => engine,
-        EngineChoice::Tokio => return serve_tokio(&args.bindings),
+        EngineChoice::Peer(peer) => return serve_peer(peer, &args.bindings),
     };
     if args.trace && !matches!(engine, Engine::Mio | Engine::Poll | Engine::Select) {
         log::warn!("--trace: the {engine} engine has no loop turns to trace");
@@ -364,7 +404,7 @@ fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
         return Ok(());
     }
     let plan = runner::Plan {
-        engines: args.engines.clone(),
+        engines: args.engines.iter().map(|e| e.name().to_string()).collect(),
         conns: args.conns.clone(),
         sizes: args.sizes.clone(),
         depths: args.depth.clone(),
@@ -400,7 +440,8 @@ fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
         results.churn = runner::churn(&plan.engines, args.churn, args.runs, &bar)?;
     }
     if !args.chat.is_empty() {
-        bar.inc_length((plan.engines.len() * args.chat.len()) as u64);
+        let chatty = plan.engines.iter().filter(|e| runner::serves_chat(e));
+        bar.inc_length((chatty.count() * args.chat.len()) as u64);
         results.fanout = runner::fanout(&plan.engines, &args.chat, args.chat_messages, &bar)?;
     }
     bar.finish_and_clear();
@@ -428,27 +469,31 @@ fn client(args: ClientArgs) -> ExitCode {
     }
 }
 
-/// `serve --engine tokio echo@ADDR`: the benchmark's tokio peer.
-#[cfg(feature = "tokio-peer")]
-fn serve_tokio(bindings: &[Binding]) -> ExitCode {
+/// `serve --engine tokio|bare echo@ADDR`: an echo peer for the benchmark.
+fn serve_peer(peer: Peer, bindings: &[Binding]) -> ExitCode {
+    let name = EngineChoice::Peer(peer).name();
     let [Binding {
         service: muxserve::services::Builtin::Echo,
         endpoint: muxserve::Endpoint::Tcp(addr),
     }] = bindings
     else {
-        return usage_error("the tokio peer serves exactly one echo@HOST:PORT binding");
+        return usage_error(&format!(
+            "the {name} peer serves exactly one echo@HOST:PORT binding"
+        ));
     };
-    let result = muxserve::bench::peer::tokio_echo(*addr, |bound| {
-        println!("tokio echo peer:");
+    let ready = |bound| {
+        println!("{name} echo peer:");
         println!("  echo     tcp://{bound}");
-    });
+    };
+    let result = match peer {
+        Peer::Bare => muxserve::bench::peer::bare_echo(*addr, ready),
+        #[cfg(feature = "tokio-peer")]
+        Peer::Tokio => muxserve::bench::peer::tokio_echo(*addr, ready),
+        #[cfg(not(feature = "tokio-peer"))]
+        Peer::Tokio => return usage_error("built without the tokio-peer feature"),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => usage_error(&format!("tokio peer on {addr}: {e}")),
+        Err(e) => usage_error(&format!("{name} peer on {addr}: {e}")),
     }
-}
-
-#[cfg(not(feature = "tokio-peer"))]
-fn serve_tokio(_bindings: &[Binding]) -> ExitCode {
-    usage_error("built without the tokio-peer feature")
 }

@@ -7,7 +7,6 @@
 //! more cores, the generator and the server are pinned to different cores.
 
 pub mod load;
-#[cfg(feature = "tokio-peer")]
 pub mod peer;
 pub mod report;
 pub mod runner;
@@ -258,5 +257,18 @@ pub fn median(values: &mut [f64]) -> f64 {
         0 => f64::NAN,
         _ if n % 2 == 1 => values[n / 2],
         _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_middle_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut [7.0]), 7.0);
+        assert!(median(&mut []).is_nan());
     }
 }

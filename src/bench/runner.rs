@@ -14,7 +14,8 @@ use super::{idle_bytes_per_conn, measure, median, pin, Sample, ServerProcess};
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Servers: `mio`, `poll`, `select`, `threads`, `tokio`.
+    /// Servers: `mio`, `poll`, `select`, `threads`, and the echo peers
+    /// `tokio` and `bare`.
     pub engines: Vec<String>,
     /// Connection counts.
     pub conns: Vec<usize>,
@@ -244,7 +245,13 @@ pub struct Fanout {
     pub missing: u64,
 }
 
-/// Runs chat fan-out on each engine that serves chat (not tokio).
+/// Whether `engine` serves chat: the muxserve engines do, the echo peers
+/// (tokio, bare) do not.
+pub fn serves_chat(engine: &str) -> bool {
+    engine.parse::<crate::Engine>().is_ok()
+}
+
+/// Runs chat fan-out on each engine that serves chat.
 pub fn fanout(
     engines: &[String],
     members: &[usize],
@@ -253,7 +260,7 @@ pub fn fanout(
 ) -> io::Result<Vec<Fanout>> {
     let mut out = Vec::new();
     for &m in members {
-        for engine in engines.iter().filter(|e| *e != "tokio") {
+        for engine in engines.iter().filter(|e| serves_chat(e)) {
             bar.set_message(format!("fan-out: {engine} with {m} members"));
             let server = start(engine, "chat")?;
             let f = load::chat_fanout(server.addr, m, messages)?;
@@ -268,4 +275,46 @@ pub fn fanout(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(engine: &str, rates: &[f64]) -> Cell {
+        Cell {
+            engine: engine.to_string(),
+            conns: 1,
+            size: 64,
+            depth: 1,
+            samples: rates
+                .iter()
+                .map(|&rate| Sample {
+                    engine: engine.to_string(),
+                    rate,
+                    latency_us: [0.0; 4],
+                    cpu_us: (0.0, 0.0),
+                    rss: 0,
+                    cdf: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn ratios_pair_runs_in_order() {
+        let a = cell("a", &[100.0, 300.0, 50.0]);
+        let b = cell("b", &[50.0, 100.0, 100.0]);
+        assert_eq!(a.ratios(&b, |s| s.rate), [2.0, 3.0, 0.5]);
+        // The median of the pairs, not the ratio of the medians (1.0).
+        assert_eq!(median(&mut a.ratios(&b, |s| s.rate)), 2.0);
+        assert_eq!(a.median_sample().map(|s| s.rate), Some(100.0));
+        assert_eq!(a.worst(|s| s.rate), 300.0);
+    }
+
+    #[test]
+    fn only_muxserve_engines_serve_chat() {
+        assert!(serves_chat("mio") && serves_chat("threads"));
+        assert!(!serves_chat("tokio") && !serves_chat("bare"));
+    }
 }
