@@ -83,7 +83,7 @@ pub fn bare_echo(addr: SocketAddr, ready: impl FnOnce(SocketAddr)) -> io::Result
         }
         for event in events.iter() {
             if event.token() == LISTENER {
-                accept(&listener, &mut peers, &poll)?;
+                accept(&listener, &mut peers, &poll);
                 continue;
             }
             let key = event.token().0;
@@ -110,20 +110,25 @@ pub fn bare_echo(addr: SocketAddr, ready: impl FnOnce(SocketAddr)) -> io::Result
 }
 
 /// Accepts until the queue is empty.
-fn accept(listener: &TcpListener, peers: &mut Slab<Peer>, poll: &Poll) -> io::Result<()> {
+fn accept(listener: &TcpListener, peers: &mut Slab<Peer>, poll: &Poll) {
     loop {
         match listener.accept() {
             Ok((mut stream, _)) => {
-                stream.set_nodelay(true)?;
+                // A connection that fails here (reset already, say) is
+                // dropped; the others are unaffected.
                 let entry = peers.vacant_entry();
-                poll.registry()
-                    .register(&mut stream, Token(entry.key()), Interest::READABLE)?;
-                entry.insert(Peer {
-                    stream,
-                    pending: Vec::new(),
+                let registered = stream.set_nodelay(true).and_then(|()| {
+                    poll.registry()
+                        .register(&mut stream, Token(entry.key()), Interest::READABLE)
                 });
+                if registered.is_ok() {
+                    entry.insert(Peer {
+                        stream,
+                        pending: Vec::new(),
+                    });
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // One connection died in the queue; the rest are fine.
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
@@ -131,7 +136,7 @@ fn accept(listener: &TcpListener, peers: &mut Slab<Peer>, poll: &Poll) -> io::Re
             // benchmark peer. The next connect is a new edge.
             Err(e) => {
                 log::warn!("bare peer: accept: {e}");
-                return Ok(());
+                return;
             }
         }
     }
