@@ -87,6 +87,10 @@ struct BenchArgs {
     /// Seconds measured per run.
     #[arg(long, default_value = "5", value_parser = some_seconds)]
     duration: Duration,
+    /// The engine the table's ratios compare with (default: tokio if it
+    /// runs, else the first).
+    #[arg(long, value_name = "ENGINE")]
+    reference: Option<EngineChoice>,
     /// Runs per cell and engine, interleaved across engines; medians are
     /// reported.
     #[arg(long, default_value = "5", value_parser = at_least::<1>)]
@@ -362,6 +366,12 @@ fn serve_on<H: Host>(
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
+    if let Some(r) = args.reference.filter(|r| !args.engines.contains(r)) {
+        return usage_error(&format!(
+            "--reference {} is not one of the --engines",
+            r.name()
+        ));
+    }
     match run_bench(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -429,6 +439,7 @@ fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
     );
     let mut results = report::Results {
         cells: runner::matrix(&plan, &bar)?,
+        reference: args.reference.map_or("", |r| r.name()).to_string(),
         ..Default::default()
     };
     if args.idle > 0 {

@@ -180,6 +180,7 @@ fn the_bench_command_runs_every_engine_and_writes_its_files() {
         .args(["--conns", "2", "--sizes", "64", "--depth", "2"])
         .args(["--warmup", "0.1", "--duration", "0.3", "--runs", "2"])
         .args(["--idle", "50", "--churn", "0.2", "--chat", "3"])
+        .args(["--reference", "bare"])
         .args(["--chat-messages", "20", "--out"])
         .arg(dir.path())
         .stdin(Stdio::null())
@@ -191,6 +192,14 @@ fn the_bench_command_runs_every_engine_and_writes_its_files() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(stdout.contains("ratios (vs ref, runs, cpu vs) are to bare, run by run"));
+    let bare: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.starts_with("bare "))
+        .expect("a bare row")
+        .split_whitespace()
+        .collect();
+    assert_eq!((bare[5], bare[6]), ("1.00x", "1.00-1.00"), "{stdout}");
     for engine in engines {
         let row = |prefix: &str| {
             stdout
@@ -229,4 +238,54 @@ fn the_bench_command_runs_every_engine_and_writes_its_files() {
         let svg = std::fs::read_to_string(dir.path().join(chart)).unwrap();
         assert!(svg.starts_with("<svg"), "{chart}");
     }
+}
+
+/// A server whose bench is killed (no chance to run `Drop`) goes too,
+/// instead of serving on as an orphan.
+#[test]
+fn the_servers_die_with_a_killed_bench() {
+    let mut bench = Command::new(EXE)
+        .args(["bench", "--engines", "bare", "--conns", "1"])
+        .args(["--warmup", "0", "--duration", "30", "--runs", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = bench.id();
+    let mut server = None;
+    let started = wait_until(Duration::from_secs(10), || {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        server = children
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse::<i32>().ok());
+        server.is_some()
+    });
+    // Serving: a listener and at least one connection from the load.
+    let serving = started && wait_until(Duration::from_secs(10), || sockets(server.unwrap()) >= 2);
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    assert!(serving, "the bench started no server");
+    let server = server.unwrap();
+    // Gone, or a zombie waiting for a reaper that may never come.
+    let dead = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{server}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'))
+        })
+    });
+    if !dead {
+        // SAFETY: kill only sends a signal to the process we started.
+        unsafe { libc::kill(server, libc::SIGKILL) };
+    }
+    assert!(dead, "the server outlived its bench");
+}
+
+/// How many sockets a process has open.
+fn sockets(pid: i32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
 }

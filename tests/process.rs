@@ -266,7 +266,7 @@ fn run_cli(args: &[&str]) -> (i32, String) {
 fn bad_input_gets_one_line_and_exit_code_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let in_use = format!("echo@{}", taken.local_addr().unwrap());
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["serve", "--bogus"], "unexpected argument '--bogus'"),
         (
             &["serve", "nosuch@127.0.0.1:1"],
@@ -285,6 +285,10 @@ fn bad_input_gets_one_line_and_exit_code_2() {
             "'0' for '--sizes <SIZES>': must be at least 1",
         ),
         (&["bench", "--duration", "0"], "must be more than 0 seconds"),
+        (
+            &["bench", "--engines", "mio,poll", "--reference", "tokio"],
+            "--reference tokio is not one of the --engines",
+        ),
     ];
     for (args, expected) in cases {
         let (code, stderr) = run_cli(args);

@@ -14,6 +14,7 @@ pub mod runner;
 use std::fmt;
 use std::io::{self, BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -49,6 +50,18 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        // The server dies with us, even if we are killed before `Drop`
+        // runs (a SIGTERM to `muxserve bench`, a test harness timeout).
+        // SAFETY: prctl only sets an attribute of the child it runs in,
+        // and is async-signal-safe, as code between fork and exec must be.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         configure(&mut cmd);
         let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");

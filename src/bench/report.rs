@@ -24,21 +24,37 @@ pub struct Results {
     pub churn: Vec<Churn>,
     /// Chat fan-out.
     pub fanout: Vec<Fanout>,
+    /// The engine the table's ratios compare with; empty: tokio if it
+    /// ran, else the first engine.
+    pub reference: String,
+}
+
+impl Results {
+    /// The engine the ratios compare with.
+    pub fn reference(&self) -> &str {
+        if !self.reference.is_empty() {
+            &self.reference
+        } else if self.cells.iter().any(|c| c.engine == "tokio") {
+            "tokio"
+        } else {
+            self.cells.first().map_or("", |c| c.engine.as_str())
+        }
+    }
 }
 
 /// The human-readable summary: medians per cell (and the worst latency of
 /// any run), with each engine's rate and CPU as a ratio to the reference
-/// engine (tokio if present, else the first). Ratios are medians of
-/// run-by-run ratios, and the range of those is shown for the rate, so a
-/// difference smaller than the noise can be seen to be one.
+/// engine ([`Results::reference`]). Ratios are medians of run-by-run
+/// ratios, and the range of those is shown for the rate, so a difference
+/// smaller than the noise can be seen to be one.
 pub fn table(results: &Results) -> String {
     let mut out = String::new();
-    let reference = if results.cells.iter().any(|c| c.engine == "tokio") {
-        "tokio"
-    } else {
-        results.cells.first().map_or("", |c| c.engine.as_str())
-    };
+    let reference = results.reference();
     if !results.cells.is_empty() {
+        let _ = writeln!(
+            out,
+            "ratios (vs ref, runs, cpu vs) are to {reference}, run by run"
+        );
         let _ = writeln!(
             out,
             "{:<8} {:>6} {:>6} {:>5} {:>11} {:>7} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>9}",
