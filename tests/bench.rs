@@ -77,24 +77,18 @@ impl Service for Faulty {
     }
 }
 
+/// A server that gets one byte wrong, or closes a connection, fails the
+/// run with an error that says which.
 #[test]
-fn one_wrong_byte_from_the_server_fails_the_run() {
-    let server = start_one(Faulty {
-        at: 1234,
-        close: false,
-    });
-    let err = load::run(&spec(server.addr()), |_| {}).expect_err("a corrupt echo");
-    assert_eq!(err.to_string(), "echoed bytes differ");
-}
-
-#[test]
-fn a_server_that_closes_a_connection_fails_the_run() {
-    let server = start_one(Faulty {
-        at: 1234,
-        close: true,
-    });
-    let err = load::run(&spec(server.addr()), |_| {}).expect_err("a closed connection");
-    assert_eq!(err.to_string(), "server closed a connection");
+fn a_faulty_server_fails_the_run() {
+    for (close, expected) in [
+        (false, "echoed bytes differ"),
+        (true, "server closed a connection"),
+    ] {
+        let server = start_one(Faulty { at: 1234, close });
+        let err = load::run(&spec(server.addr()), |_| {}).expect_err(expected);
+        assert_eq!(err.to_string(), expected);
+    }
 }
 
 #[test]
