@@ -296,3 +296,46 @@ fn held_input_and_output_are_freed_once_they_drain() {
     });
     assert!(back == data, "echoed bytes differ");
 }
+
+/// On any input, replies with a long body, then a short trailer, then
+/// closes.
+struct Speech(Vec<u8>);
+
+impl Service for Speech {
+    type Session = ();
+
+    fn on_connect(&mut self, _cx: &mut Context<'_>) {}
+
+    fn on_data(&mut self, cx: &mut Context<'_>, _: &mut (), input: &mut Input<'_>) {
+        input.take();
+        cx.write(&self.0);
+        cx.write(b"END\n");
+        cx.close();
+    }
+}
+
+/// A long reply is sent straight from the service's slice when nothing is
+/// queued before it (up to the write budget), or staged and queued when
+/// longer; either way the trailer follows it in order, and the close waits
+/// for both and ends in a FIN, not a reset. (A close behind output that
+/// had passed the high-water mark used to wait for the 2 s close deadline
+/// and then reset.)
+#[test]
+fn a_long_reply_then_close_arrives_whole_and_in_order() {
+    for len in [200 * 1024, 600 * 1024] {
+        let body = pattern(len, 5);
+        let server = start_one(Speech(body.clone()));
+        let mut expected = body;
+        expected.extend_from_slice(b"END\n");
+        // A fast reader, and one whose small window makes the kernel take
+        // only part of the body, so the rest and the trailer queue.
+        for mut client in [connect(server.addr()), small_window_client(server.addr())] {
+            client.write_all(b"go\n").unwrap();
+            // A reset instead of the FIN fails here.
+            let back = read_to_end(&mut client);
+            assert!(back == expected, "{len} B: the reply came back changed");
+        }
+        let stats = server.shutdown().stats;
+        assert_eq!(stats.bytes_out, 2 * expected.len() as u64);
+    }
+}

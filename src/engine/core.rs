@@ -537,11 +537,16 @@ impl Core {
             c.flags |= BACKPRESSURED;
         } else if c.has(BACKPRESSURED) && pending <= limits.output_low_water {
             c.flags &= !BACKPRESSURED;
-            // Edge-triggered: input that arrived while we were not reading
-            // produced its one event already. Look again ourselves.
-            self.mark_ready(id);
-            return;
+            if !c.has(CLOSING) {
+                // Edge-triggered: input that arrived while we were not
+                // reading produced its one event already. Look again
+                // ourselves.
+                self.mark_ready(id);
+                return;
+            }
         }
+        // A close that waited for the output to drain can go on now (one
+        // that drained from above the high-water mark included).
         if pending == 0 && c.has(CLOSING) {
             self.closing.push(id);
         }
