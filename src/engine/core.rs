@@ -170,6 +170,10 @@ pub(super) struct Core {
     /// Output of the current callback for the current connection; written
     /// straight to its socket when the callback returns.
     staging: Vec<u8>,
+    /// The current callback sent a long reply itself (see
+    /// `Core::write_through`), so `commit` has bookkeeping to do even
+    /// with nothing staged.
+    wrote_through: bool,
     pub current: ConnId,
     /// `current` may still be written to (it is not closing): checked by
     /// every write of a callback, without a slab lookup.
@@ -204,6 +208,12 @@ pub(super) struct Core {
 /// a whole turn copying megabytes for it alone.
 pub(super) const WRITE_BUDGET: usize = 256 * 1024;
 
+/// A reply at least this long, written by a callback that has staged
+/// nothing before it, is sent straight from the service's slice (see
+/// `Core::write_through`); shorter replies are staged, so that several
+/// small writes of one callback leave in one `send`.
+const WRITE_THROUGH: usize = 2048;
+
 /// The staging buffer is loop-wide; after a huge write it is shrunk back
 /// so one burst does not pin memory for ever.
 const STAGING_KEEP: usize = 64 * 1024;
@@ -215,6 +225,7 @@ impl Core {
             next_gen: 0,
             timers: Timers::new(),
             staging: Vec::new(),
+            wrote_through: false,
             current: ConnId::NONE,
             current_open: false,
             dirty: Vec::new(),
@@ -326,6 +337,7 @@ impl Core {
     pub fn panicked(&mut self, id: ConnId, message: &str) {
         self.stats.panics += 1;
         self.staging.clear();
+        self.wrote_through = false;
         log::error!("a service callback for {id} panicked: {message}");
         if id != ConnId::NONE {
             self.request_close(id, CloseMode::Abort, CloseReason::Panic);
@@ -348,8 +360,12 @@ impl Core {
     /// per-connection allocation.
     pub fn commit(&mut self, id: ConnId, poller: &mut dyn Poller) {
         if self.staging.is_empty() {
+            if mem::take(&mut self.wrote_through) {
+                self.after_write(id, poller);
+            }
             return;
         }
+        self.wrote_through = false;
         let Some(c) = lookup(&mut self.conns, id) else {
             self.staging.clear();
             return;
@@ -432,6 +448,27 @@ impl Core {
         if more {
             self.mark(id, WRITE_AGAIN);
         }
+    }
+
+    /// Sends a long reply straight from the service's slice, sparing the
+    /// copy into `staging`. What the kernel does not take is staged as
+    /// usual, and so is everything if output is already queued or the
+    /// send fails: `commit` then finishes the job (and meets the error
+    /// again, and closes the connection, the one way it always does).
+    #[inline(never)]
+    fn write_through(&mut self, id: ConnId, bytes: &[u8]) {
+        let mut rest = bytes;
+        if let Some(c) = lookup(&mut self.conns, id) {
+            if c.output_len() == 0 && bytes.len() <= self.write_budget {
+                if let Ok(n) = write_some(&c.stream, bytes, &mut self.stats) {
+                    trace!(self.tracing, "    sent {n} of {} B straight", bytes.len());
+                    c.last_write = self.now_tick;
+                    self.wrote_through = true;
+                    rest = &bytes[n..];
+                }
+            }
+        }
+        self.staging.extend_from_slice(rest);
     }
 
     /// Writes pending output until it is gone or the kernel is full.
@@ -663,7 +700,11 @@ impl Driver for Core {
         if to == self.current {
             // The reply case, without a lookup.
             if self.current_open {
-                self.staging.extend_from_slice(bytes);
+                if bytes.len() >= WRITE_THROUGH && self.staging.is_empty() {
+                    self.write_through(to, bytes);
+                } else {
+                    self.staging.extend_from_slice(bytes);
+                }
             }
             return self.current_open;
         }
