@@ -324,7 +324,16 @@ impl Service for Speech {
 fn a_long_reply_then_close_arrives_whole_and_in_order() {
     for len in [200 * 1024, 600 * 1024] {
         let body = pattern(len, 5);
-        let server = start_one(Speech(body.clone()));
+        let speech = Speech(body.clone());
+        let server = start(move || {
+            let mut config = muxserve::Config::default();
+            // Small socket buffers, so the kernel cannot take a whole
+            // reply while the peer is not reading.
+            config.limits.send_buffer = Some(16 * 1024);
+            let mut server = Server::with_config(config).unwrap();
+            let addr = local(&mut server, speech);
+            (server, vec![addr.into()])
+        });
         let mut expected = body;
         expected.extend_from_slice(b"END\n");
         // A fast reader, and one whose small window makes the kernel take

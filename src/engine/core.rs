@@ -451,24 +451,30 @@ impl Core {
     }
 
     /// Sends a long reply straight from the service's slice, sparing the
-    /// copy into `staging`. What the kernel does not take is staged as
-    /// usual, and so is everything if output is already queued or the
-    /// send fails: `commit` then finishes the job (and meets the error
-    /// again, and closes the connection, the one way it always does).
+    /// copy into `staging`. What the kernel does not take is queued for
+    /// WRITABLE at once (the socket is full; trying again at commit would
+    /// only fail), and `commit` does the bookkeeping. If output is queued
+    /// already, or the send fails, the reply is staged as usual: `commit`
+    /// then meets the error again and closes the connection, the one way
+    /// it always does.
     #[inline(never)]
     fn write_through(&mut self, id: ConnId, bytes: &[u8]) {
-        let mut rest = bytes;
         if let Some(c) = lookup(&mut self.conns, id) {
             if c.output_len() == 0 && bytes.len() <= self.write_budget {
                 if let Ok(n) = write_some(&c.stream, bytes, &mut self.stats) {
                     trace!(self.tracing, "    sent {n} of {} B straight", bytes.len());
-                    c.last_write = self.now_tick;
+                    if n > 0 {
+                        c.last_write = self.now_tick;
+                    }
+                    if n < bytes.len() {
+                        c.held().output.extend(&bytes[n..]);
+                    }
                     self.wrote_through = true;
-                    rest = &bytes[n..];
+                    return;
                 }
             }
         }
-        self.staging.extend_from_slice(rest);
+        self.staging.extend_from_slice(bytes);
     }
 
     /// Writes pending output until it is gone or the kernel is full.
