@@ -1,5 +1,6 @@
 //! Echo and discard on the mio engine: byte-exactness at every chunk size,
-//! many clients, half-close, backpressure, and stale connection ids.
+//! many clients, half-close, backpressure, stale connection ids, and a long
+//! reply followed by a close.
 
 mod common;
 
