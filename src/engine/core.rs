@@ -104,15 +104,13 @@ impl Conn {
         self.held.get_or_insert_with(Box::default)
     }
 
-    /// Takes the held input, leaving none.
+    /// Takes the held input, leaving none. The holder stays (the caller
+    /// may put input back at once); [`Conn::release`] frees it.
     pub fn take_input(&mut self) -> Vec<u8> {
-        let input = self
-            .held
+        self.held
             .as_deref_mut()
             .map(|h| mem::take(&mut h.input))
-            .unwrap_or_default();
-        self.release();
-        input
+            .unwrap_or_default()
     }
 
     /// Frees the queues once both are empty (the queues free their own

@@ -1096,6 +1096,7 @@ impl Server {
             c.stream.shutdown_write();
             c.flags |= LINGER;
             drop(c.take_input());
+            c.release();
             let at = self.core.now + self.config.linger;
             self.core
                 .timers
@@ -1274,9 +1275,13 @@ fn call(
 /// listener's input limit on it. A closing connection will never be shown
 /// its input again, so it keeps nothing.
 fn keep_input(core: &mut Core, id: ConnId, store: impl FnOnce(&mut Vec<u8>)) {
-    let Some(c) = core.get_mut(id).filter(|c| !c.has(CLOSING)) else {
+    let Some(c) = core.get_mut(id) else {
         return;
     };
+    if c.has(CLOSING) {
+        c.release();
+        return;
+    }
     store(&mut c.held().input);
     let (held, s) = (c.input().len(), c.service as usize);
     if held > core.limits[s].max_input {
@@ -1297,20 +1302,24 @@ fn deliver(
     let Some(c) = core.get_mut(id) else {
         return;
     };
+    // The holder stays while the service reads: what it leaves usually
+    // goes straight back, without freeing and allocating it again.
     let mut buf = c.take_input();
     buf.extend_from_slice(data);
-    if buf.is_empty() {
-        return;
-    }
-    let mut input = Input::new(&buf);
-    call(core, services, poller, id, |h, cx, key| {
-        h.data(cx, key, &mut input)
-    });
-    let consumed = input.consumed();
-    buf.drain(..consumed);
     if !buf.is_empty() {
-        // An empty `buf` is dropped instead: its memory goes back.
+        let mut input = Input::new(&buf);
+        call(core, services, poller, id, |h, cx, key| {
+            h.data(cx, key, &mut input)
+        });
+        let consumed = input.consumed();
+        buf.drain(..consumed);
+    }
+    if !buf.is_empty() {
         keep_input(core, id, |held| *held = buf);
+    } else if let Some(c) = core.get_mut(id) {
+        // Nothing left: `buf`'s memory goes back, and the holder with it
+        // unless output is waiting.
+        c.release();
     }
 }
 
