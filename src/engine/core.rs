@@ -574,22 +574,22 @@ impl Core {
             }
             c.flags ^= WRITE_INTEREST;
         }
+        let mut resumed = false;
         if pending > limits.output_high_water {
             c.flags |= BACKPRESSURED;
         } else if c.has(BACKPRESSURED) && pending <= limits.output_low_water {
             c.flags &= !BACKPRESSURED;
-            if !c.has(CLOSING) {
-                // Edge-triggered: input that arrived while we were not
-                // reading produced its one event already. Look again
-                // ourselves.
-                self.mark_ready(id);
-                return;
-            }
+            resumed = true;
         }
-        // A close that waited for the output to drain can go on now (one
-        // that drained from above the high-water mark included).
-        if pending == 0 && c.has(CLOSING) {
-            self.closing.push(id);
+        if c.has(CLOSING) {
+            // A close that waited for the output to drain goes on now.
+            if pending == 0 {
+                self.closing.push(id);
+            }
+        } else if resumed {
+            // Edge-triggered: input that arrived while we were not reading
+            // produced its one event already. Look again ourselves.
+            self.mark_ready(id);
         }
     }
 
