@@ -749,20 +749,15 @@ fn serve_datagrams(shared: &Shared, mut bound: DgramBound) {
     while shared.handle.requested() < SHUTDOWN {
         let (n, from) = match bound.socket.recv_from(&mut buf) {
             Ok(got) => got,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            // An ICMP error for an earlier reply (ECONNREFUSED and the
-            // like), reported on this read. It is used up now; go on.
             Err(e) => {
-                log::debug!("{}: {e}", bound.endpoint);
+                // The read timed out (time to look for the shutdown) or a
+                // signal came; or an ICMP error for an earlier reply
+                // (ECONNREFUSED and the like) was reported on this read,
+                // and is used up now. Either way, read again.
+                use io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
+                if !matches!(e.kind(), WouldBlock | TimedOut | Interrupted) {
+                    log::debug!("{}: {e}", bound.endpoint);
+                }
                 continue;
             }
         };
