@@ -145,20 +145,6 @@ fn the_bare_peer_echoes_byte_exact_and_closes_after_the_peer() {
     assert_eq!(read_to_end(&mut client), b"last words");
 }
 
-#[test]
-fn a_peer_serves_echo_only() {
-    let out = Command::new(EXE)
-        .args(["serve", "--engine", "bare", "daytime@127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr),
-        "muxserve: the bare peer serves exactly one echo@HOST:PORT binding\n"
-    );
-}
-
 /// The whole command, small: two runs of each engine in every part, then
 /// the table on stdout and the files in `--out`.
 #[test]

@@ -266,7 +266,7 @@ fn run_cli(args: &[&str]) -> (i32, String) {
 fn bad_input_gets_one_line_and_exit_code_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let in_use = format!("echo@{}", taken.local_addr().unwrap());
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["serve", "--bogus"], "unexpected argument '--bogus'"),
         (
             &["serve", "nosuch@127.0.0.1:1"],
@@ -275,6 +275,10 @@ fn bad_input_gets_one_line_and_exit_code_2() {
         (&["serve", "echo@999.0.0.1:1"], "bad address"),
         (&["serve", &in_use], "in use"),
         (&["serve", "--engine", "fibers"], "unknown engine"),
+        (
+            &["serve", "--engine", "bare", "daytime@127.0.0.1:0"],
+            "the bare peer serves exactly one echo@HOST:PORT binding",
+        ),
         (&["bench", "--conns", "many"], "invalid value 'many'"),
         (
             &["bench", "--engines", "mio,fibers"],
