@@ -381,6 +381,15 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// The engine the table's ratios compare with: the one asked for, else
+/// tokio if it runs, else the first (`--engines` is never empty).
+fn reference(args: &BenchArgs) -> EngineChoice {
+    const TOKIO: EngineChoice = EngineChoice::Peer(Peer::Tokio);
+    args.reference
+        .or(args.engines.contains(&TOKIO).then_some(TOKIO))
+        .unwrap_or(args.engines[0])
+}
+
 fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
     use muxserve::bench::{self, load::LoadSpec, report, runner};
     runner::pin_self();
@@ -439,7 +448,7 @@ fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
     );
     let mut results = report::Results {
         cells: runner::matrix(&plan, &bar)?,
-        reference: args.reference.map_or("", |r| r.name()).to_string(),
+        reference: reference(args).name().to_string(),
         ..Default::default()
     };
     if args.idle > 0 {
@@ -506,5 +515,31 @@ fn serve_peer(peer: Peer, bindings: &[Binding]) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => usage_error(&format!("{name} peer on {addr}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference_of(flags: &[&str]) -> &'static str {
+        let cli = Cli::try_parse_from(["muxserve", "bench"].iter().chain(flags)).unwrap();
+        let Command::Bench(args) = cli.command else {
+            unreachable!("parsed as bench")
+        };
+        reference(&args).name()
+    }
+
+    #[test]
+    fn ratios_compare_with_the_engine_asked_for_else_tokio_else_the_first() {
+        assert_eq!(
+            reference_of(&["--engines", "mio,bare", "--reference", "bare"]),
+            "bare"
+        );
+        assert_eq!(reference_of(&["--engines", "poll,mio"]), "poll");
+        if cfg!(feature = "tokio-peer") {
+            assert_eq!(reference_of(&["--engines", "mio,tokio,bare"]), "tokio");
+            assert_eq!(reference_of(&[]), "tokio");
+        }
     }
 }

@@ -24,22 +24,8 @@ pub struct Results {
     pub churn: Vec<Churn>,
     /// Chat fan-out.
     pub fanout: Vec<Fanout>,
-    /// The engine the table's ratios compare with; empty: tokio if it
-    /// ran, else the first engine.
+    /// The engine the table's ratios compare with.
     pub reference: String,
-}
-
-impl Results {
-    /// The engine the ratios compare with.
-    pub fn reference(&self) -> &str {
-        if !self.reference.is_empty() {
-            &self.reference
-        } else if self.cells.iter().any(|c| c.engine == "tokio") {
-            "tokio"
-        } else {
-            self.cells.first().map_or("", |c| c.engine.as_str())
-        }
-    }
 }
 
 /// The human-readable summary: medians per cell (and the worst latency of
@@ -49,7 +35,7 @@ impl Results {
 /// smaller than the noise can be seen to be one.
 pub fn table(results: &Results) -> String {
     let mut out = String::new();
-    let reference = results.reference();
+    let reference = results.reference.as_str();
     if !results.cells.is_empty() {
         let _ = writeln!(
             out,
