@@ -446,9 +446,11 @@ fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}")
             .expect("valid template"),
     );
+    let load_at_start = runner::load_average();
     let mut results = report::Results {
         cells: runner::matrix(&plan, &bar)?,
         reference: reference(args).name().to_string(),
+        cores: runner::cores(),
         ..Default::default()
     };
     if args.idle > 0 {
@@ -465,6 +467,7 @@ fn run_bench(args: &BenchArgs) -> std::io::Result<()> {
         results.fanout = runner::fanout(&plan.engines, &args.chat, args.chat_messages, &bar)?;
     }
     bar.finish_and_clear();
+    results.load = [load_at_start, runner::load_average()];
     print!("{}", report::table(&results));
     if let Some(dir) = &args.out {
         report::write(dir, &results)?;

@@ -173,6 +173,7 @@ fn the_bench_command_runs_every_engine_and_writes_its_files() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("ratios (vs ref, runs, cpu vs) are to bare, run by run"));
+    assert!(stdout.contains("load average (1, 5, 15 min): "), "{stdout}");
     let bare: Vec<&str> = stdout
         .lines()
         .find(|l| l.starts_with("bare "))
@@ -214,6 +215,13 @@ fn the_bench_command_runs_every_engine_and_writes_its_files() {
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(json["cells"].as_array().unwrap().len(), engines.len());
     assert_eq!(json["idle"].as_array().unwrap().len(), engines.len());
+    assert_eq!(json["reference"], "bare");
+    // Load averages before and after, three each.
+    let load = json["load"].as_array().unwrap();
+    assert_eq!(load.len(), 2, "{load:?}");
+    for at in load {
+        assert_eq!(at.as_array().unwrap().len(), 3, "{at}");
+    }
     for chart in ["rate_64B_depth2.svg", "latency_cdf.svg"] {
         let svg = std::fs::read_to_string(dir.path().join(chart)).unwrap();
         assert!(svg.starts_with("<svg"), "{chart}");

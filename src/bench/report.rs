@@ -26,6 +26,11 @@ pub struct Results {
     pub fanout: Vec<Fanout>,
     /// The engine the table's ratios compare with.
     pub reference: String,
+    /// Cores the machine has.
+    pub cores: usize,
+    /// The load averages (1, 5, 15 minutes) when the runs started and when
+    /// they ended: other work on the machine, which the numbers carry.
+    pub load: [Option<[f64; 3]>; 2],
 }
 
 /// The human-readable summary: medians per cell (and the worst latency of
@@ -117,6 +122,23 @@ pub fn table(results: &Results) -> String {
             "fan-out  {:<8} {:>5} members: {:>10.0} deliveries/s ({} missing)",
             f.engine, f.members, f.per_second, f.missing
         );
+    }
+    if let [Some(start), Some(end)] = results.load {
+        let _ = write!(
+            out,
+            "load average (1, 5, 15 min): {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end",
+            start[0], start[1], start[2], end[0], end[1], end[2]
+        );
+        // The load generator and one server keep two cores busy; more
+        // than that on a one-minute average means other work shared them.
+        if start[0].max(end[0]) > results.cores as f64 {
+            let _ = write!(
+                out,
+                "; busier than its {} cores, so compare the ratios, not the absolute numbers",
+                results.cores
+            );
+        }
+        out.push('\n');
     }
     out
 }
@@ -317,4 +339,34 @@ fn finish<'a, 'b: 'a>(
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_with_load(start: [f64; 3], end: [f64; 3]) -> String {
+        table(&Results {
+            cores: 2,
+            load: [Some(start), Some(end)],
+            ..Results::default()
+        })
+    }
+
+    #[test]
+    fn the_table_says_how_busy_the_machine_was() {
+        assert_eq!(
+            table_with_load([0.7, 0.38, 1.73], [1.5, 1.0, 1.2]),
+            "load average (1, 5, 15 min): 0.70 0.38 1.73 at the start, 1.50 1.00 1.20 at the end\n"
+        );
+        let busy = table_with_load([0.7, 0.38, 1.73], [5.7, 15.06, 9.71]);
+        assert!(
+            busy.ends_with(
+                "; busier than its 2 cores, so compare the ratios, not the absolute numbers\n"
+            ),
+            "{busy}"
+        );
+        // Unknown (no /proc/loadavg): no line at all.
+        assert_eq!(table(&Results::default()), "");
+    }
 }

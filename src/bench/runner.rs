@@ -84,6 +84,18 @@ pub fn cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The system's load averages over 1, 5 and 15 minutes (`/proc/loadavg`),
+/// if it can be read.
+pub fn load_average() -> Option<[f64; 3]> {
+    parse_load_average(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+/// The first three fields of a `/proc/loadavg` line.
+fn parse_load_average(line: &str) -> Option<[f64; 3]> {
+    let mut fields = line.split_whitespace().map(|f| f.parse().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
+}
+
 /// Starts `engine` serving `service` on a free loopback port, pinned to
 /// core 1 when there is one.
 pub fn start(engine: &str, service: &str) -> io::Result<ServerProcess> {
@@ -299,6 +311,14 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn load_averages_are_the_first_three_fields() {
+        let line = "0.70 15.06 9.71 3/412 86017\n";
+        assert_eq!(parse_load_average(line), Some([0.70, 15.06, 9.71]));
+        assert_eq!(parse_load_average("0.70 15.06"), None);
+        assert_eq!(parse_load_average("0.70 x 9.71"), None);
     }
 
     #[test]
