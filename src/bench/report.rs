@@ -129,8 +129,9 @@ pub fn table(results: &Results) -> String {
             "load average (1, 5, 15 min): {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end",
             start[0], start[1], start[2], end[0], end[1], end[2]
         );
-        // The load generator and one server keep two cores busy; more
-        // than that on a one-minute average means other work shared them.
+        // A one-minute load above the core count means more was ready to
+        // run than there were cores: the load generator and the server
+        // waited for other work.
         if start[0].max(end[0]) > results.cores as f64 {
             let _ = write!(
                 out,
