@@ -95,6 +95,61 @@ pub const DATAGRAMS_PER_WAKEUP: usize = 64;
 /// is dropped and counted instead of answered.
 pub const REFLECTOR_PORTS: [u16; 4] = [7, 13, 19, 37];
 
+/// How often one datagram socket answers one source address: a token
+/// bucket that holds `burst` replies and refills at `per_second`.
+///
+/// It exists to end reflection loops: a datagram forged "from" another
+/// server that answers anything makes the two answer each other with one
+/// datagram in flight, every round trip (tens of microseconds on
+/// loopback). The first reply the bucket refuses ends such a chain, so it
+/// dies within about `burst` exchanges. It also caps one legitimate source
+/// at `per_second` replies once its burst is spent: a client that needs
+/// more from one address should use a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyBudget {
+    /// Replies one source may get at once, with no wait. Default 64.
+    pub burst: u32,
+    /// Replies a second after that. Default 1,000; 0 turns the budget off.
+    pub per_second: u32,
+}
+
+impl ReplyBudget {
+    /// The default: a burst of 64, then 1,000 replies a second per source.
+    pub const DEFAULT: ReplyBudget = ReplyBudget {
+        burst: 64,
+        per_second: 1000,
+    };
+
+    /// No budget: every datagram may be answered.
+    pub const OFF: ReplyBudget = ReplyBudget {
+        burst: 0,
+        per_second: 0,
+    };
+
+    /// Whether this budget limits anything.
+    pub fn is_off(&self) -> bool {
+        self.per_second == 0
+    }
+
+    /// This budget, tightened to at most `burst` and `per_second`; a
+    /// budget that is off stays off (the operator turned it off).
+    pub fn at_most(self, burst: u32, per_second: u32) -> ReplyBudget {
+        if self.is_off() {
+            return self;
+        }
+        ReplyBudget {
+            burst: self.burst.min(burst),
+            per_second: self.per_second.min(per_second).max(1),
+        }
+    }
+}
+
+impl Default for ReplyBudget {
+    fn default() -> ReplyBudget {
+        ReplyBudget::DEFAULT
+    }
+}
+
 /// What a panic in a service callback does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PanicPolicy {
@@ -148,6 +203,16 @@ pub struct Config {
     pub stats_interval: Option<Duration>,
     /// Limits for listeners that do not bring their own.
     pub limits: Limits,
+    /// How often each datagram socket answers one source address (see
+    /// [`ReplyBudget`]). Services whose answer ignores the request
+    /// (daytime, time) tighten it for themselves
+    /// ([`DatagramService::reply_budget`](crate::service::DatagramService::reply_budget)).
+    pub reply_budget: ReplyBudget,
+    /// Datagrams a second all datagram sockets together may send, whatever
+    /// the sources; 0 is no cap. Default 100,000: far above what a
+    /// legitimate UDP service here sees, far below what a reflection flood
+    /// of many forged sources would make the server send.
+    pub reply_budget_total: u32,
 }
 
 /// Default descriptors kept free for listeners, log files and the poller
@@ -168,6 +233,8 @@ impl Default for Config {
             fd_reserve: FD_RESERVE,
             stats_interval: None,
             limits: Limits::default(),
+            reply_budget: ReplyBudget::DEFAULT,
+            reply_budget_total: 100_000,
         }
     }
 }

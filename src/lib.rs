@@ -83,7 +83,7 @@ pub mod testing;
 pub mod timer;
 
 pub use buffer::Input;
-pub use config::{Config, Limits};
+pub use config::{Config, Limits, ReplyBudget};
 pub use engine::{Engine, Handle, Host, Report, Server, ThreadedServer};
 pub use net::Endpoint;
 pub use service::{CloseReason, ConnId, Context, PeerAddr, Service};

@@ -534,6 +534,15 @@ pub trait DatagramService {
     /// A datagram arrived, whole: datagrams that did not fit the receive
     /// buffer are dropped (and counted) before they get here.
     fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, from: &PeerAddr, data: &[u8]);
+
+    /// How often this service answers one source, given the server's
+    /// [`Config::reply_budget`](crate::Config::reply_budget). The default
+    /// keeps it. A service whose answer does not depend on the request
+    /// (daytime, time) has nothing new to say more than once a second and
+    /// may answer far less often.
+    fn reply_budget(&self, server: crate::config::ReplyBudget) -> crate::config::ReplyBudget {
+        server
+    }
 }
 
 /// What an engine offers a [`DatagramContext`].

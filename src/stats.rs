@@ -91,8 +91,11 @@ stats! {
     datagrams_out,
     /// Datagrams dropped because they did not fit the receive buffer.
     oversize_datagrams,
-    /// Datagrams not answered because they came from a reflector port.
+    /// Datagrams not answered because they came from a reflector port or
+    /// from one of this server's own addresses.
     reflection_drops,
+    /// Datagram replies refused by the reply budget (per source or in all).
+    reply_budget_drops,
     /// Open connections now (gauge).
     active,
     /// Most connections open at once (gauge).

@@ -161,6 +161,8 @@ struct DgramBound {
     socket: Option<DgramSocket>,
     handler: Box<dyn DatagramService>,
     endpoint: Endpoint,
+    /// How often each source may be answered.
+    replies: dgram::Replies,
     ready: bool,
 }
 
@@ -188,6 +190,8 @@ pub struct Server {
     events: Vec<Event>,
     services: Vec<Bound>,
     dgrams: Vec<DgramBound>,
+    /// What every datagram socket checks before it answers.
+    guard: dgram::Guard,
     core: Core,
     /// The loop-wide read buffer; connections keep only leftovers.
     scratch: Box<[u8]>,
@@ -263,6 +267,7 @@ impl Server {
             events: Vec::with_capacity(1024),
             services: Vec::new(),
             dgrams: Vec::new(),
+            guard: dgram::Guard::new(config.reply_budget_total),
             core,
             // One byte more than the largest datagram, to tell a datagram
             // that fits from one the kernel cut.
@@ -325,8 +330,10 @@ impl Server {
         self.poller
             .register(socket.fd(), DGRAM_BIT | index, Interest::Read)?;
         log::info!("{} serving datagrams on {bound}", service_name::<S>());
+        self.guard.bound(&bound);
         self.dgrams.push(DgramBound {
             socket: Some(socket),
+            replies: dgram::Replies::new(service.reply_budget(self.config.reply_budget)),
             handler: Box::new(service),
             endpoint: bound.clone(),
             ready: false,
@@ -351,6 +358,7 @@ impl Server {
         self.poller
             .register(listener.fd(), LISTENER_BIT | index, Interest::Read)?;
         log::info!("{} listening on {bound}", service_name::<S>());
+        self.guard.bound(&bound);
         self.services.push(Bound {
             listener: Some(listener),
             handler: Box::new(Hosted::new(service)),
@@ -892,6 +900,7 @@ impl Server {
             dgrams,
             core,
             scratch,
+            guard,
             ..
         } = self;
         let bound = &mut dgrams[d];
@@ -914,8 +923,12 @@ impl Server {
             let handler = &mut *bound.handler;
             let (stats, stop) = (&mut core.stats, &mut core.stop_requested);
             let data = &scratch[..n];
-            if let Err(message) = dgram::serve(handler, socket, stats, core.now, stop, &from, data)
-            {
+            let at = dgram::Endpoints {
+                socket,
+                replies: &mut bound.replies,
+                guard,
+            };
+            if let Err(message) = dgram::serve(handler, at, stats, core.now, stop, &from, data) {
                 core.panicked(ConnId::NONE, &message);
             }
         }

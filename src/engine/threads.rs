@@ -219,6 +219,7 @@ struct Shared {
     linger: Duration,
     read_chunk: usize,
     on_panic: PanicPolicy,
+    dgram_guard: Mutex<dgram::Guard>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -400,6 +401,8 @@ pub struct ThreadedServer {
     wake: SelfPipe,
     stats: Option<Arc<Shared>>,
     admission: Option<Admission>,
+    /// Whom the datagram sockets must not answer, and how often the rest.
+    guard: dgram::Guard,
 }
 
 impl std::fmt::Debug for ThreadedServer {
@@ -430,6 +433,7 @@ impl ThreadedServer {
     /// A thread-per-connection server.
     pub fn new(config: Config, threads: ThreadConfig) -> io::Result<ThreadedServer> {
         let wake = SelfPipe::new()?;
+        let guard = dgram::Guard::new(config.reply_budget_total);
         Ok(ThreadedServer {
             config,
             threads,
@@ -441,6 +445,7 @@ impl ThreadedServer {
             wake,
             stats: None,
             admission: None,
+            guard,
         })
     }
 
@@ -480,6 +485,7 @@ impl ThreadedServer {
         let (listener, bound) =
             net::stream_listener(&endpoint, self.config.backlog, limits.send_buffer)?;
         log::info!("threads engine listening on {bound}");
+        self.guard.bound(&bound);
         let index = self.handlers.len();
         self.listeners.push((listener, index, bound.clone()));
         self.handlers
@@ -501,8 +507,10 @@ impl ThreadedServer {
         let (socket, bound) = net::dgram_socket(&endpoint.to_endpoint()?)?;
         socket.set_blocking(ACCEPT_TICK)?;
         log::info!("threads engine serving datagrams on {bound}");
+        self.guard.bound(&bound);
         self.dgrams.push(DgramBound {
             socket,
+            replies: dgram::Replies::new(service.reply_budget(self.config.reply_budget)),
             handler: Box::new(service),
             endpoint: bound.clone(),
         });
@@ -537,6 +545,7 @@ impl ThreadedServer {
             linger: self.config.linger,
             read_chunk: self.threads.read_chunk.max(1),
             on_panic: self.config.on_panic,
+            dgram_guard: Mutex::new(mem::replace(&mut self.guard, dgram::Guard::new(0))),
         });
         self.stats = Some(Arc::clone(&shared));
         let max_conns = self.config.effective_max_connections();
@@ -739,6 +748,7 @@ struct DgramBound {
     socket: DgramSocket,
     handler: Box<dyn DatagramService + Send>,
     endpoint: Endpoint,
+    replies: dgram::Replies,
 }
 
 /// A datagram socket's thread: serves what arrives until shutdown begins
@@ -763,15 +773,24 @@ fn serve_datagrams(shared: &Shared, mut bound: DgramBound) {
         };
         let mut counted = Stats::default();
         let mut stop = false;
+        // Held across the callback: datagram threads are few and their
+        // callbacks short, and the budget over all sources is one bucket.
+        let mut guard = lock(&shared.dgram_guard);
+        let at = dgram::Endpoints {
+            socket: &bound.socket,
+            replies: &mut bound.replies,
+            guard: &mut guard,
+        };
         let served = dgram::serve(
             &mut *bound.handler,
-            &bound.socket,
+            at,
             &mut counted,
             Instant::now(),
             &mut stop,
             &from,
             &buf[..n],
         );
+        drop(guard);
         if let Err(message) = served {
             log::error!(
                 "a datagram callback on {} panicked: {message}",

@@ -4,6 +4,7 @@ use std::time::SystemTime;
 
 use super::clock::{ctime, Zone};
 use crate::buffer::Input;
+use crate::config::ReplyBudget;
 use crate::service::{Context, DatagramContext, DatagramService, PeerAddr, Service};
 
 /// Sends `Sat Nov 21 20:23:00 2026\r\n` and closes. Anything the client
@@ -30,6 +31,12 @@ impl Service for Daytime {
 
 /// Over datagrams: any datagram is answered with one carrying the line.
 impl DatagramService for Daytime {
+    /// The answer changes once a second: a source gets a few, then one a
+    /// second.
+    fn reply_budget(&self, server: ReplyBudget) -> ReplyBudget {
+        server.at_most(4, 1)
+    }
+
     fn on_datagram(&mut self, cx: &mut DatagramContext<'_>, _from: &PeerAddr, _data: &[u8]) {
         let line = format!("{}\r\n", ctime(SystemTime::now(), self.zone));
         cx.reply(line.as_bytes());
