@@ -74,6 +74,9 @@ impl<'a> Input<'a> {
 pub struct OutBuf {
     buf: Vec<u8>,
     head: usize,
+    /// The bytes at the head are the rest of a write the kernel took in
+    /// part (see [`OutBuf::started`]).
+    started: bool,
 }
 
 impl OutBuf {
@@ -82,6 +85,7 @@ impl OutBuf {
         OutBuf {
             buf: Vec::new(),
             head: 0,
+            started: false,
         }
     }
 
@@ -110,6 +114,7 @@ impl OutBuf {
         if self.head > 0 && self.head >= self.len() {
             // The dead prefix is at least as big as the live part: move the
             // live part down instead of growing.
+            self.started = true;
             self.buf.drain(..self.head);
             self.head = 0;
         }
@@ -131,6 +136,20 @@ impl OutBuf {
     pub fn clear(&mut self) {
         self.buf = Vec::new();
         self.head = 0;
+        self.started = false;
+    }
+
+    /// Queues the rest of a write whose first bytes the kernel took, into
+    /// an empty queue.
+    pub fn extend_rest(&mut self, rest: &[u8]) {
+        self.extend(rest);
+        self.started = true;
+    }
+
+    /// Whether the peer has received the beginning of what is at the head
+    /// of the queue: dropping the queue now would cut a message in two.
+    pub fn started(&self) -> bool {
+        self.started || self.head > 0
     }
 }
 

@@ -176,6 +176,11 @@ pub(super) struct Core {
     /// `current` may still be written to (it is not closing): checked by
     /// every write of a callback, without a slab lookup.
     current_open: bool,
+    /// Bytes the current callback queued for other connections.
+    pub fanout: usize,
+    /// The current callback was told to stop processing its input (see
+    /// [`Core::output_full`]); its input waits until the output drains.
+    pub held_back: std::cell::Cell<bool>,
     /// Connections others wrote to this turn; flushed at its end.
     pub dirty: Vec<ConnId>,
     /// Connections whose close was requested this turn.
@@ -226,6 +231,8 @@ impl Core {
             wrote_through: false,
             current: ConnId::NONE,
             current_open: false,
+            fanout: 0,
+            held_back: std::cell::Cell::new(false),
             dirty: Vec::new(),
             closing: Vec::new(),
             ready: Vec::new(),
@@ -297,6 +304,27 @@ impl Core {
     pub fn enter(&mut self, id: ConnId, open: bool) {
         self.current = id;
         self.current_open = open;
+        self.fanout = 0;
+        self.held_back.set(false);
+    }
+
+    /// Whether the current callback has produced enough output that it
+    /// should stop processing input: its own pending output (queued and
+    /// staged) is above the high-water mark, or it queued that much for
+    /// other connections (a chat line fanned out to the room), which the
+    /// engine flushes at the end of the turn. A service that asks
+    /// ([`Context::is_paused`](crate::Context::is_paused), which `Framed`
+    /// asks before each message) leaves the rest of its input where it is;
+    /// the engine shows it again once the output has gone out. So one
+    /// small input (`/who` a thousand times in one packet) cannot queue
+    /// more than about one mark of output, whatever it asks for.
+    fn output_full(&self, c: &Conn) -> bool {
+        let mark = self.limits[c.service as usize].output_high_water;
+        let full = c.output_len() + self.staging.len() > mark || self.fanout > mark;
+        if full {
+            self.held_back.set(true);
+        }
+        full
     }
 
     /// Ends the callback started by [`Core::enter`], returning whom it was
@@ -417,7 +445,7 @@ impl Core {
                                 "    sent {n} of {} B; the rest waits for WRITABLE",
                                 staged.len()
                             );
-                            c.held().output.extend(&staged[n..]);
+                            queue_rest(c.held(), &staged[n..], n);
                         }
                         c.last_write = now;
                         more = n == chunk.len() && n < staged.len();
@@ -465,7 +493,7 @@ impl Core {
                         c.last_write = self.now_tick;
                     }
                     if n < bytes.len() {
-                        c.held().output.extend(&bytes[n..]);
+                        queue_rest(c.held(), &bytes[n..], n);
                     }
                     self.wrote_through = true;
                     return;
@@ -579,6 +607,12 @@ impl Core {
             c.flags |= BACKPRESSURED;
         } else if c.has(BACKPRESSURED) && pending <= limits.output_low_water {
             c.flags &= !BACKPRESSURED;
+            if !c.input().is_empty() && !c.has(PAUSED) {
+                // Input the service stopped processing for this output
+                // waits in the connection: show it again, even if the
+                // peer sends nothing more.
+                c.flags |= REDELIVER;
+            }
             resumed = true;
         }
         if c.has(CLOSING) {
@@ -666,6 +700,16 @@ const MIN_SWEEP: Duration = Duration::from_millis(10);
 /// of its deadline.
 const MAX_SWEEP: Duration = Duration::from_secs(1);
 
+/// Queues what the kernel did not take of a write, into an empty queue:
+/// if it took `sent > 0` bytes, the peer has the start of that write.
+fn queue_rest(held: &mut Held, rest: &[u8], sent: usize) {
+    if sent > 0 {
+        held.output.extend_rest(rest);
+    } else {
+        held.output.extend(rest);
+    }
+}
+
 fn lookup(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
     conns.get_mut(id.index()).filter(|c| c.gen == id.gen())
 }
@@ -719,6 +763,7 @@ impl Driver for Core {
             return false;
         }
         c.held().output.extend(bytes);
+        self.fanout += bytes.len();
         if !c.has(DIRTY) {
             c.flags |= DIRTY;
             self.dirty.push(to);
@@ -741,6 +786,7 @@ impl Driver for Core {
                 self.staging.extend_from_slice(bytes);
             } else {
                 c.held().output.extend(bytes);
+                self.fanout += bytes.len();
                 if !c.has(DIRTY) {
                     c.flags |= DIRTY;
                     self.dirty.push(id);
@@ -763,7 +809,14 @@ impl Driver for Core {
             return;
         }
         let output = &mut c.held().output;
-        output.clear();
+        if output.started() {
+            // The kernel has part of the first queued message: dropping its
+            // rest would glue the notice into the middle of it. Keep the
+            // queue; the notice follows it (the close deadline ends the
+            // wait if the peer never reads).
+        } else {
+            output.clear();
+        }
         output.extend(notice);
         if id == self.current {
             self.staging.clear();
@@ -776,7 +829,8 @@ impl Driver for Core {
 
     fn state(&self, id: ConnId) -> Option<(bool, bool)> {
         let c = self.get(id)?;
-        Some((c.has(CLOSING | LINGER), c.has(PAUSED | BACKPRESSURED)))
+        let paused = c.has(PAUSED | BACKPRESSURED) || (id == self.current && self.output_full(c));
+        Some((c.has(CLOSING | LINGER), paused))
     }
 
     fn count(&mut self, counter: Counter) {

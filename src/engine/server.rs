@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::core::{
-    conn_id, token, Conn, Core, TimerKind, ABORT, CLOSE_DEADLINE, CLOSING, CONNECTED, EOF, LINGER,
-    READY, REDELIVER, STALL_ARMED, WRITE_AGAIN,
+    conn_id, token, Conn, Core, TimerKind, ABORT, BACKPRESSURED, CLOSE_DEADLINE, CLOSING,
+    CONNECTED, EOF, LINGER, PAUSED, READY, REDELIVER, STALL_ARMED, WRITE_AGAIN,
 };
 use super::dgram;
 use super::mio::MioPoller;
@@ -823,6 +823,9 @@ impl Server {
                 }
                 c.flags &= !REDELIVER;
                 deliver(core, services, poller, id, &[]);
+                if core.held_back.get() || core.fanout > 0 {
+                    return hold_back(core, id);
+                }
                 continue;
             }
             if !c.wants_read() {
@@ -880,6 +883,9 @@ impl Server {
             } else {
                 trace!(tracing, "    read {n} B, after input left over earlier");
                 deliver(core, services, poller, id, &scratch[..n]);
+            }
+            if core.held_back.get() || core.fanout > 0 {
+                return hold_back(core, id);
             }
             if n < want && !drain {
                 // A short read emptied the socket's queue for now. Reading
@@ -1333,6 +1339,34 @@ fn deliver(
         // Nothing left: `buf`'s memory goes back, and the holder with it
         // unless output is waiting.
         c.release();
+    }
+}
+
+/// The service stopped processing input for output, or sent output to
+/// other connections: read no more of this connection this turn.
+///
+/// What it sent others goes out at the end of the turn, before the sender
+/// is read again, so one member's burst is fanned out a high-water mark at
+/// a time, with flushes between, instead of being queued whole for every
+/// reader in one turn. Input the service left because its output was full
+/// is shown again next turn, or, if its own output is above the mark, once
+/// that drains (see `Core::after_write_slow`).
+#[cold]
+fn hold_back(core: &mut Core, id: ConnId) {
+    let held_back = core.held_back.replace(false);
+    let Some(c) = core.get_mut(id) else {
+        return;
+    };
+    if c.has(BACKPRESSURED | PAUSED) {
+        // Reading resumes when the output drains, or when the service
+        // resumes it; either shows the held input again.
+        return;
+    }
+    if held_back && !c.input().is_empty() {
+        c.flags |= REDELIVER;
+    }
+    {
+        core.mark_ready(id);
     }
 }
 
