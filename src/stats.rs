@@ -96,6 +96,10 @@ stats! {
     reflection_drops,
     /// Datagram replies refused by the reply budget (per source or in all).
     reply_budget_drops,
+    /// Times the engine woke up: loop turns on the loop engines, wakeups
+    /// of the acceptor on the thread engine. A server with nothing to do
+    /// should not add to it.
+    turns,
     /// Open connections now (gauge).
     active,
     /// Most connections open at once (gauge).

@@ -47,6 +47,9 @@ pub(super) const CLOSE_DEADLINE: u16 = 1 << 11;
 pub(super) const WRITE_AGAIN: u16 = 1 << 12;
 /// The write-stall timer is armed.
 pub(super) const STALL_ARMED: u16 = 1 << 13;
+/// READABLE is not registered: a level-triggered poller would report a
+/// readiness the loop will not act on (see [`Core::sync_interest`]).
+pub(super) const READ_OFF: u16 = 1 << 14;
 
 /// Flags that need [`Core::after_write`]'s attention even when all output
 /// went out.
@@ -196,6 +199,11 @@ pub(super) struct Core {
     /// Limits per service index.
     pub limits: Vec<Limits>,
     pub on_panic: PanicPolicy,
+    /// The poller is level-triggered (see [`Poller::level_triggered`]).
+    pub level: bool,
+    /// Connections whose interest must be brought up to date at the end of
+    /// the turn (see [`Core::sync_requested`]).
+    pub resync: Vec<ConnId>,
     /// Bytes one connection may write per turn (see [`WRITE_BUDGET`]).
     pub write_budget: usize,
     /// The zero of `tick`.
@@ -242,6 +250,8 @@ impl Core {
             tracing: false,
             limits: Vec::new(),
             on_panic: PanicPolicy::default(),
+            level: true,
+            resync: Vec::new(),
             write_budget: WRITE_BUDGET,
             epoch: Instant::now(),
             now_tick: 0,
@@ -579,29 +589,6 @@ impl Core {
             self.timers
                 .insert(at, None, TimerKind::WriteStall { conn: id, after });
         }
-        // Ask for WRITABLE only while bytes remain: an always-writable socket
-        // would otherwise wake the loop on every turn.
-        let want_write = pending > 0;
-        if want_write != c.has(WRITE_INTEREST) {
-            let interest = if want_write {
-                Interest::ReadWrite
-            } else {
-                Interest::Read
-            };
-            trace!(
-                self.tracing,
-                "    {id}: {} WRITABLE",
-                if want_write {
-                    "waiting for"
-                } else {
-                    "no longer waiting for"
-                }
-            );
-            if let Err(e) = poller.reregister(c.stream.fd(), token(id), interest) {
-                return self.fail(id, &e);
-            }
-            c.flags ^= WRITE_INTEREST;
-        }
         let mut resumed = false;
         if pending > limits.output_high_water {
             c.flags |= BACKPRESSURED;
@@ -624,6 +611,58 @@ impl Core {
             // Edge-triggered: input that arrived while we were not reading
             // produced its one event already. Look again ourselves.
             self.mark_ready(id);
+        }
+        self.sync_interest(id, poller);
+    }
+
+    /// Registers exactly the readiness the loop will act on: WRITABLE only
+    /// while output is pending (an always-writable socket would wake every
+    /// wait), and, on a level-triggered poller, READABLE only while the
+    /// connection is read (a paused, backpressured, closing or half-closed
+    /// connection with unread input is readable for ever, and select or
+    /// poll would report it on every wait: a loop at 100 % CPU doing
+    /// nothing). An edge-triggered poller reports a readiness once, so
+    /// there READABLE stays and pausing costs no system call.
+    pub fn sync_interest(&mut self, id: ConnId, poller: &mut dyn Poller) {
+        let level = self.level;
+        let Some(c) = lookup(&mut self.conns, id) else {
+            return;
+        };
+        let read = !level || c.wants_read() || c.has(LINGER);
+        let write = c.output_len() > 0 && !c.has(ABORT | LINGER);
+        if read != c.has(READ_OFF) && write == c.has(WRITE_INTEREST) {
+            return;
+        }
+        trace!(
+            self.tracing,
+            "    {id}: waiting for {}",
+            match (read, write) {
+                (true, true) => "READABLE and WRITABLE",
+                (true, false) => "READABLE",
+                (false, true) => "WRITABLE only",
+                (false, false) => "nothing (paused)",
+            }
+        );
+        if let Err(e) = poller.reregister(c.stream.fd(), token(id), Interest::new(read, write)) {
+            return self.fail(id, &e);
+        }
+        c.flags &= !(READ_OFF | WRITE_INTEREST);
+        if !read {
+            c.flags |= READ_OFF;
+        }
+        if write {
+            c.flags |= WRITE_INTEREST;
+        }
+    }
+
+    /// Interest changes requested during callbacks (which have no poller),
+    /// carried out at the end of the turn.
+    pub fn sync_requested(&mut self, poller: &mut dyn Poller) {
+        if self.resync.is_empty() {
+            return;
+        }
+        for id in mem::take(&mut self.resync) {
+            self.sync_interest(id, poller);
         }
     }
 
@@ -676,10 +715,12 @@ impl Core {
     pub fn sweep_idle(&mut self) {
         let now = self.now_tick;
         let mut idle = Vec::new();
+        let mut timed = 0;
         for (index, c) in self.conns.iter() {
             if c.idle_ms == 0 || c.has(CLOSING | LINGER) {
                 continue;
             }
+            timed += 1;
             let quiet = now
                 .wrapping_sub(c.last_read)
                 .min(now.wrapping_sub(c.last_write));
@@ -689,6 +730,14 @@ impl Core {
         }
         for id in idle {
             self.request_close(id, CloseMode::Flush, CloseReason::IdleTimeout);
+        }
+        if timed == 0 {
+            // Nobody has an idle timeout: stop waking up for them. The
+            // next `set_idle` with a timeout arms the sweep again.
+            if let Some(timer) = self.sweep_timer.take() {
+                self.timers.cancel(timer);
+            }
+            self.sweep_every = None;
         }
     }
 }
@@ -870,6 +919,9 @@ impl Driver for Core {
             }
         } else {
             c.flags |= PAUSED;
+        }
+        if self.level {
+            self.resync.push(id);
         }
     }
 

@@ -43,8 +43,12 @@ impl MioPoller {
 
 fn mio_interest(interest: Interest) -> mio::Interest {
     match interest {
-        Interest::Read => mio::Interest::READABLE,
+        // Edge-triggered: a readiness the loop does not act on is reported
+        // once, not on every wait, so reading interest can stay (mio has no
+        // empty interest; the loop never asks for one here).
+        Interest::Read | Interest::None => mio::Interest::READABLE,
         Interest::ReadWrite => mio::Interest::READABLE | mio::Interest::WRITABLE,
+        Interest::Write => mio::Interest::WRITABLE,
     }
 }
 
@@ -88,5 +92,9 @@ impl Poller for MioPoller {
     fn waker(&self) -> Waker {
         let waker = Arc::clone(&self.waker);
         Arc::new(move || waker.wake())
+    }
+
+    fn level_triggered(&self) -> bool {
+        false
     }
 }

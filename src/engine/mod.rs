@@ -272,6 +272,23 @@ use crate::timer::TimerId;
 pub(crate) enum Interest {
     Read,
     ReadWrite,
+    /// Writable only: a connection whose reading is paused, on a
+    /// level-triggered poller.
+    Write,
+    /// Nothing (errors and hang-ups may still be reported): a paused
+    /// connection with nothing to send, on a level-triggered poller.
+    None,
+}
+
+impl Interest {
+    pub(crate) fn new(read: bool, write: bool) -> Interest {
+        match (read, write) {
+            (true, false) => Interest::Read,
+            (true, true) => Interest::ReadWrite,
+            (false, true) => Interest::Write,
+            (false, false) => Interest::None,
+        }
+    }
 }
 
 /// One readiness report from a poller. Errors and hang-ups are reported as
@@ -303,6 +320,14 @@ pub(crate) trait Poller {
     /// is ready to `events`. May return spurious events and `Interrupted`.
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
     fn waker(&self) -> Waker;
+    /// Whether a source that stays ready is reported on every wait
+    /// (select, poll) rather than once when it becomes ready (epoll's
+    /// edge-triggered mode). On a level-triggered poller the loop must not
+    /// keep interest in a readiness it will not act on, or every wait
+    /// returns at once and the loop spins.
+    fn level_triggered(&self) -> bool {
+        true
+    }
 }
 
 // Tokens: a connection's token is its slot index in the low 32 bits and its

@@ -77,6 +77,11 @@ fn facade_interest(interest: Interest) -> select::Interest {
     match interest {
         Interest::Read => select::Interest::READ,
         Interest::ReadWrite => select::Interest::BOTH,
+        Interest::Write => select::Interest::WRITE,
+        Interest::None => select::Interest {
+            readable: false,
+            writable: false,
+        },
     }
 }
 

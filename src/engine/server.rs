@@ -205,8 +205,6 @@ pub struct Server {
     admission: Option<Admission>,
     /// Set by [`Server::stop_on_signals`].
     signals: Option<SignalPipe>,
-    /// Turns taken, for the trace.
-    turns: u64,
 }
 
 impl fmt::Debug for Server {
@@ -258,6 +256,7 @@ impl Server {
         let handle = Handle::new(poller.waker());
         let mut core = Core::new();
         core.on_panic = config.on_panic;
+        core.level = poller.level_triggered();
         if let Some(every) = config.stats_interval {
             let at = core.now + every;
             core.timers.insert(at, Some(every), TimerKind::Stats);
@@ -281,7 +280,6 @@ impl Server {
             last_accept_log: None,
             admission: None,
             signals: None,
-            turns: 0,
         }
     }
 
@@ -465,12 +463,12 @@ impl Server {
             Err(e) => return Err(e),
         }
         self.core.set_now(Instant::now());
-        self.turns += 1;
+        self.core.stats.turns += 1;
         if let Some(from) = waited_from {
             trace!(
                 true,
                 "turn {}: {} ready after waiting {:.1?} ({})",
-                self.turns,
+                self.core.stats.turns,
                 self.events.len(),
                 self.core.now.saturating_duration_since(from),
                 match timeout {
@@ -697,6 +695,11 @@ impl Server {
                 }
                 self.services[s].paused = true;
                 self.core.stats.accept_pauses += 1;
+                if let Some(listener) = &self.services[s].listener {
+                    // A level-triggered poller would report the listener,
+                    // still readable, on every wait until accepting resumes.
+                    let _ = self.poller.deregister(listener.fd());
+                }
                 if !self.accept_retry_armed {
                     self.accept_retry_armed = true;
                     let at = self.core.now + ACCEPT_RETRY;
@@ -711,6 +714,12 @@ impl Server {
         for s in 0..self.services.len() {
             if self.services[s].paused {
                 self.services[s].paused = false;
+                if let Some(listener) = &self.services[s].listener {
+                    let fd = listener.fd();
+                    if let Err(e) = self.poller.register(fd, LISTENER_BIT | s, Interest::Read) {
+                        log::warn!("cannot watch {} again: {e}", self.services[s].endpoint);
+                    }
+                }
                 self.listener_ready(s);
             }
         }
@@ -837,6 +846,8 @@ impl Server {
                     trace!(tracing, "    read 0 B: the peer shut down its sending side");
                     c.flags |= EOF;
                     call(core, services, poller, id, |h, cx, key| h.eof(cx, key));
+                    // Level-triggered: the socket stays readable at EOF.
+                    core.sync_interest(id, poller);
                     return;
                 }
                 Ok(n) => n,
@@ -1021,6 +1032,10 @@ impl Server {
                 TimerKind::AcceptRetry => {
                     self.accept_retry_armed = false;
                     self.resume_accepting();
+                    // Try now, in this turn: one turn per retry while
+                    // descriptors are short, not one to resume and one
+                    // to fail again.
+                    self.serve_ready();
                 }
             }
         }
@@ -1031,6 +1046,7 @@ impl Server {
     fn end_of_turn(&mut self) {
         loop {
             // Output other callbacks queued this turn, one send each.
+            self.core.sync_requested(&mut *self.poller);
             let dirty = mem::take(&mut self.core.dirty);
             for &id in &dirty {
                 if let Some(c) = self.core.get_mut(id) {
@@ -1070,6 +1086,8 @@ impl Server {
                     .timers
                     .insert(at, None, TimerKind::Linger { conn: id });
             }
+            // Nothing more is read while the output drains.
+            self.core.sync_interest(id, &mut *self.poller);
             return;
         }
         let (s, key, why) = (c.service as usize, c.session as usize, c.reason);
@@ -1120,6 +1138,7 @@ impl Server {
             self.core
                 .timers
                 .insert(at, None, TimerKind::Linger { conn: id });
+            self.core.sync_interest(id, &mut *self.poller);
             self.core.mark_ready(id);
         }
     }
