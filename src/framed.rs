@@ -150,7 +150,7 @@ where
                 Err(err) => {
                     cx.protocol_error();
                     self.service.on_frame_error(cx, &mut s.inner, &err);
-                    cx.close();
+                    cx.close_with(CloseReason::ProtocolError);
                     break;
                 }
             }

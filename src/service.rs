@@ -130,6 +130,9 @@ pub enum CloseReason {
     Shutdown,
     /// A callback of the service panicked.
     Panic,
+    /// The peer broke the protocol: a frame the codec rejects (a line too
+    /// long, a length header past the limit), a failed handshake.
+    ProtocolError,
 }
 
 impl fmt::Display for CloseReason {
@@ -145,6 +148,7 @@ impl fmt::Display for CloseReason {
             CloseReason::OutputLimit => f.write_str("output limit"),
             CloseReason::Shutdown => f.write_str("server shutdown"),
             CloseReason::Panic => f.write_str("service panicked"),
+            CloseReason::ProtocolError => f.write_str("protocol error"),
         }
     }
 }
@@ -410,9 +414,10 @@ impl<'a> Context<'a> {
         self.driver.close(id, CloseMode::Flush, CloseReason::Closed);
     }
 
-    /// Closes the current connection after its output, telling `on_close`
-    /// (and the counters) why.
-    pub(crate) fn close_with(&mut self, reason: CloseReason) {
+    /// Closes the current connection after its output, telling `on_close`,
+    /// the counters and the logs why (a protocol error, say), instead of
+    /// the plain [`CloseReason::Closed`] of [`close`](Context::close).
+    pub fn close_with(&mut self, reason: CloseReason) {
         self.driver.close(self.id, CloseMode::Flush, reason);
     }
 

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::service::CloseReason;
+
 macro_rules! stats {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// A snapshot of a server's counters and gauges.
@@ -40,6 +42,28 @@ macro_rules! stats {
     };
 }
 
+impl Stats {
+    /// Counts a connection that closed, and the limit that closed it: the
+    /// one place every engine turns a [`CloseReason`] into counters.
+    pub(crate) fn record_close(&mut self, why: CloseReason) {
+        self.closed += 1;
+        self.active = self.active.saturating_sub(1);
+        let counter = match why {
+            CloseReason::IdleTimeout => &mut self.idle_timeouts,
+            CloseReason::FrameTimeout => &mut self.frame_timeouts,
+            CloseReason::WriteTimeout => &mut self.write_timeouts,
+            CloseReason::InputLimit => &mut self.input_limit_closes,
+            CloseReason::OutputLimit => &mut self.output_limit_closes,
+            CloseReason::Error(_) => &mut self.io_errors,
+            CloseReason::ProtocolError => &mut self.protocol_closes,
+            // Counted where the panic was caught.
+            CloseReason::Panic => return,
+            CloseReason::Closed | CloseReason::Aborted | CloseReason::Shutdown => return,
+        };
+        *counter += 1;
+    }
+}
+
 stats! {
     /// Connections accepted and served.
     accepted,
@@ -73,6 +97,8 @@ stats! {
     io_errors,
     /// Protocol errors reported by services (bad frames, bad lines).
     protocol_errors,
+    /// Connections closed for a protocol error.
+    protocol_closes,
     /// Callbacks that panicked.
     panics,
     /// Writes the kernel took only in part.

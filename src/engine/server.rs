@@ -1101,20 +1101,7 @@ impl Server {
                 core.panicked(ConnId::NONE, &message);
             }
         }
-        let stats = &mut self.core.stats;
-        stats.closed += 1;
-        stats.active -= 1;
-        match why {
-            CloseReason::IdleTimeout => stats.idle_timeouts += 1,
-            CloseReason::FrameTimeout => stats.frame_timeouts += 1,
-            CloseReason::WriteTimeout => stats.write_timeouts += 1,
-            CloseReason::InputLimit => stats.input_limit_closes += 1,
-            CloseReason::OutputLimit => stats.output_limit_closes += 1,
-            CloseReason::Error(_) => stats.io_errors += 1,
-            // Counted where the panic was caught.
-            CloseReason::Panic => {}
-            CloseReason::Closed | CloseReason::Aborted | CloseReason::Shutdown => {}
-        }
+        self.core.stats.record_close(why);
         let tracing = self.core.tracing;
         let Some(c) = self.core.get_mut(id) else {
             return;

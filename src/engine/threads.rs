@@ -1074,17 +1074,7 @@ fn finish(shared: &Shared, me: ConnId, io: &PeerIo, mode: CloseMode, why: CloseR
         }
     }
     lock(&shared.conns).remove(me.index());
-    let mut stats = lock(&shared.stats);
-    stats.closed += 1;
-    stats.active -= 1;
-    match why {
-        CloseReason::IdleTimeout => stats.idle_timeouts += 1,
-        CloseReason::WriteTimeout => stats.write_timeouts += 1,
-        CloseReason::InputLimit => stats.input_limit_closes += 1,
-        CloseReason::OutputLimit => stats.output_limit_closes += 1,
-        CloseReason::Error(_) => stats.io_errors += 1,
-        _ => {}
-    }
+    lock(&shared.stats).record_close(why);
 }
 
 /// The thread that fires service timers.
