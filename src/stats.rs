@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::service::CloseReason;
+
 macro_rules! stats {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// A snapshot of a server's counters and gauges.
@@ -97,4 +99,25 @@ stats! {
     active,
     /// Most connections open at once (gauge).
     peak,
+}
+
+impl Stats {
+    /// Counts one closed connection: `closed` up, `active` down, and the
+    /// counter of the limit that closed it, if a limit did. Every engine
+    /// calls this, so a reason means the same counter on all of them.
+    pub(crate) fn record_close(&mut self, why: CloseReason) {
+        self.closed += 1;
+        self.active = self.active.saturating_sub(1);
+        match why {
+            CloseReason::IdleTimeout => self.idle_timeouts += 1,
+            CloseReason::FrameTimeout => self.frame_timeouts += 1,
+            CloseReason::WriteTimeout => self.write_timeouts += 1,
+            CloseReason::InputLimit => self.input_limit_closes += 1,
+            CloseReason::OutputLimit => self.output_limit_closes += 1,
+            CloseReason::Error(_) => self.io_errors += 1,
+            // Counted where the panic was caught.
+            CloseReason::Panic => {}
+            CloseReason::Closed | CloseReason::Aborted | CloseReason::Shutdown => {}
+        }
+    }
 }
