@@ -16,9 +16,10 @@
 //! - Above `output_high_water` a connection neither reads nor processes
 //!   the input it already holds, until its queue is down to
 //!   `output_low_water`; past `max_output` it is closed; output that makes
-//!   no progress for `write_timeout` closes it. Every cap, the engine's and
-//!   chat's (through `output_len`), counts only bytes the owner already
-//!   tried to send: output queued a moment ago is not "behind" yet.
+//!   no progress for `write_timeout` closes it. These caps, and chat's
+//!   (through `output_len` of another connection), count only bytes the
+//!   owner already tried to send: output queued a moment ago by someone
+//!   else is not "behind" yet.
 //! - A sender whose writes left more than a peer's high-water mark of
 //!   untried bytes in that peer's queue pauses (no reading, no processing)
 //!   until the peer's thread has tried to send them: a burst to the whole
@@ -621,8 +622,13 @@ impl Driver for ThreadDriver<'_> {
     }
 
     fn output_len(&self, id: ConnId) -> Option<usize> {
-        // What the owner tried to send and the kernel did not take; bytes
-        // queued since its last try are not behind yet.
+        // Our own: everything queued, this callback's writes included (as
+        // on the loops). Another connection's: what its thread tried to
+        // send and the kernel did not take; bytes queued since its last
+        // try are not behind yet, so no cap counts them.
+        if let Some(io) = self.mine(id) {
+            return Some(lock(&io.queue).out.len());
+        }
         self.with_queue(id, |_, q| q.tried())
     }
 
