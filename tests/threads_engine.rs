@@ -637,6 +637,53 @@ fn output_progress_is_not_idle(engine: Engine) {
     assert_eq!(report.stats.idle_timeouts, 0, "{engine}: {report}");
 }
 
+/// Every log line of this test binary, for tests that check what the
+/// server logs (kept from the first `logged()` on).
+fn logged() -> std::sync::MutexGuard<'static, Vec<String>> {
+    struct Keep;
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    impl log::Log for Keep {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.level() <= log::Level::Info
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if self.enabled(r.metadata()) {
+                LINES.lock().unwrap().push(r.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static KEEP: Keep = Keep;
+    if log::set_logger(&KEEP).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+    LINES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Shutdown logs what it cut off, as the loop engines do. Three idle
+/// connections: no other test here cuts off three.
+fn shutdown_logs_what_it_cut_off(engine: Engine) {
+    drop(logged());
+    let mut config = Config::default();
+    config.grace = Duration::from_millis(200);
+    let server = serve(engine, config, || Echo);
+    let clients: Vec<TcpStream> = (0..3).map(|_| connect(server.addr)).collect();
+    for mut c in &clients {
+        c.write_all(b"x").unwrap();
+    }
+    for mut c in &clients {
+        let mut byte = [0u8];
+        c.read_exact(&mut byte).unwrap();
+    }
+    let report = server.shutdown();
+    assert_eq!(report.cut_off, 3, "{engine}: {report}");
+    let wanted = "shutdown cut off 3 connections (0 with 0 unsent bytes)";
+    assert!(
+        logged().iter().any(|line| line == wanted),
+        "{engine}: not logged: {wanted}"
+    );
+}
+
 // ---- thread engine only ---------------------------------------------------
 
 /// A connection that cannot get its thread is counted like an accept that
@@ -692,6 +739,7 @@ on_every_engine!(
     a_panicking_on_connect_gets_no_on_close,
     a_connection_cut_off_gets_on_close_shutdown_only,
     output_progress_is_not_idle,
+    shutdown_logs_what_it_cut_off,
 );
 
 // These fail on the loop engines today (findings 2 and 3, being fixed
