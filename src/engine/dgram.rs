@@ -5,8 +5,8 @@
 //! short, or one from a port that answers anything, is dropped) and handed
 //! to the service, whose replies are sent at once. The loop engines call
 //! [`serve`] for each datagram a readable socket yields; the thread engine
-//! gives each datagram socket a thread that blocks in `recv_from` and calls
-//! the same function.
+//! gives each datagram socket a thread that waits in poll(2) and calls the
+//! same function.
 
 use std::io;
 use std::time::Instant;
