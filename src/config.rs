@@ -46,7 +46,8 @@ pub struct Limits {
     pub send_buffer: Option<usize>,
     /// Give up on a peer whose pending output makes no progress for this
     /// long. Default 30 s (HAProxy's `timeout client` order); `None` is
-    /// off. The thread engine uses it as the socket's send timeout.
+    /// off. Every engine, the thread engine included, measures it from the
+    /// last byte the kernel took.
     pub write_timeout: Option<Duration>,
 }
 

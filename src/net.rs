@@ -286,17 +286,6 @@ impl DgramSocket {
         }
     }
 
-    /// Makes reads block for at most `timeout` (for the thread engine,
-    /// which has no poller to tell it when a datagram is there).
-    pub(crate) fn set_blocking(&self, timeout: Duration) -> io::Result<()> {
-        let sock = match self {
-            DgramSocket::Udp(s) => SockRef::from(s),
-            DgramSocket::Unix(s) => SockRef::from(s),
-        };
-        sock.set_nonblocking(false)?;
-        sock.set_read_timeout(Some(timeout))
-    }
-
     pub(crate) fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, PeerAddr)> {
         match self {
             DgramSocket::Udp(s) => s.recv_from(buf).map(|(n, a)| (n, PeerAddr::Inet(a))),

@@ -4,7 +4,7 @@
 //! each one that arrives is counted, screened and handed to the service,
 //! whose replies are sent at once. The loop engines call [`serve`] for
 //! each datagram a readable socket yields; the thread engine gives each
-//! datagram socket a thread that blocks in `recv_from` and calls the same
+//! datagram socket a thread that waits in poll(2) and calls the same
 //! function.
 //!
 //! # Reflection

@@ -44,8 +44,10 @@
 //! # The thread engine
 //!
 //! [`ThreadedServer`] runs the same services with one OS thread per
-//! connection and blocking std sockets: the baseline the loops are measured
-//! against. Each datagram socket gets a thread too.
+//! connection: the baseline the loops are measured against. Each thread
+//! alone writes its socket; other threads queue output for it and wake it,
+//! so the output limits mean what they mean on the loops. Each datagram
+//! socket gets a thread too.
 //!
 //! [`Context::close`]: crate::Context::close
 
