@@ -255,7 +255,7 @@ impl Server {
         let mut core = Core::new();
         core.on_panic = config.on_panic;
         if let Some(every) = config.stats_interval {
-            let at = core.now + every;
+            let at = crate::timer::deadline(core.now, every);
             core.timers.insert(at, Some(every), TimerKind::Stats);
         }
         Server {
@@ -1043,7 +1043,7 @@ impl Server {
             // Still flushing: `after_write` brings it back when done, and a
             // deadline makes sure a peer that never reads cannot stall it.
             if !c.has(CLOSE_DEADLINE) {
-                let at = self.core.now + self.config.linger;
+                let at = crate::timer::deadline(self.core.now, self.config.linger);
                 if let Some(c) = self.core.get_mut(id) {
                     c.flags |= CLOSE_DEADLINE;
                 }
@@ -1097,7 +1097,7 @@ impl Server {
             c.flags |= LINGER;
             drop(c.take_input());
             c.release();
-            let at = self.core.now + self.config.linger;
+            let at = crate::timer::deadline(self.core.now, self.config.linger);
             self.core
                 .timers
                 .insert(at, None, TimerKind::Linger { conn: id });
@@ -1162,7 +1162,7 @@ impl Server {
         }
         self.end_of_turn();
         self.state = State::Draining {
-            deadline: self.core.now + self.config.grace,
+            deadline: crate::timer::deadline(self.core.now, self.config.grace),
         };
     }
 

@@ -362,7 +362,7 @@ impl Driver for ThreadDriver<'_> {
         period: Option<Duration>,
     ) -> TimerId {
         let gen = self.at.shared.next_gen();
-        let at = self.now + after;
+        let at = crate::timer::deadline(self.now, after);
         match (&mut self.timers, conn == self.at.me) {
             (Some(timers), true) => timers.insert_with_gen(at, period, (), gen),
             _ => {
@@ -709,7 +709,7 @@ impl ThreadedServer {
                 h.shutdown(cx)
             });
         }
-        let deadline = now + self.config.grace;
+        let deadline = crate::timer::deadline(now, self.config.grace);
         let mut report = Report::default();
         while !lock(&shared.conns).is_empty() && self.handle.requested() < STOP {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -943,7 +943,7 @@ fn serve(shared: &Shared, me: ConnId, service: usize, io: &PeerIo, peer: PeerAdd
             run_callback(&at, Some(&mut st), now, |h, cx| h.timer(cx, key, timer));
             continue;
         }
-        let idle_at = st.idle.map(|d| last_active + d);
+        let idle_at = st.idle.map(|d| crate::timer::deadline(last_active, d));
         if idle_at.is_some_and(|at| at <= now) {
             st.close = Some((CloseMode::Flush, CloseReason::IdleTimeout));
             break;
@@ -1038,7 +1038,7 @@ fn finish(shared: &Shared, me: ConnId, io: &PeerIo, mode: CloseMode, why: CloseR
         // Our FIN, then read until theirs (bounded), so unread input does
         // not turn the close into a reset.
         io.stream.shutdown(Shutdown::Write);
-        let end = Instant::now() + shared.linger;
+        let end = crate::timer::deadline(Instant::now(), shared.linger);
         let mut sink = [0u8; 1024];
         while let Some(left) = end
             .checked_duration_since(Instant::now())
