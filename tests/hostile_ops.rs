@@ -114,8 +114,6 @@ fn durations_of_duration_max_never_panic(engine: Engine) {
     assert_eq!(report.stats.panics, 0, "{engine}: {report}");
 }
 
-on_every_engine!(durations_of_duration_max_never_panic);
-
 /// Runs the command line; returns its exit code and stderr. A command that
 /// is still running after a few seconds (it took the arguments and is
 /// serving) is killed and fails the test.
@@ -224,3 +222,149 @@ fn the_cli_takes_a_year_and_keeps_serving_a_client_that_does_not_read() {
     );
     c.write_all(b"!").unwrap();
 }
+
+// Unix socket files: a server removes only the file it made, refuses a
+// path a live server holds, and leaves nothing behind when it fails to
+// start.
+
+/// Echoes `data` over a Unix stream connection to `path`.
+fn unix_echo(path: &std::path::Path, data: &[u8]) {
+    let mut c = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    c.write_all(data).unwrap();
+    let mut back = vec![0; data.len()];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+/// Sends one datagram to `path` from a bound client and returns the reply.
+fn unix_dgram_echo(dir: &std::path::Path, path: &std::path::Path, data: &[u8]) -> Vec<u8> {
+    let me = dir.join(format!("client-{}.dgram", std::process::id()));
+    let _ = std::fs::remove_file(&me);
+    let c = std::os::unix::net::UnixDatagram::bind(&me).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    c.send_to(data, path).unwrap();
+    let mut buf = [0u8; 256];
+    let n = c.recv(&mut buf).unwrap();
+    drop(c);
+    std::fs::remove_file(&me).unwrap();
+    buf[..n].to_vec()
+}
+
+fn echo_on(at: &[&std::path::Path]) -> Vec<(Builtin, String)> {
+    vec![
+        (Builtin::Echo, format!("unix://{}", at[0].display())),
+        (Builtin::Echo, format!("unix-dgram://{}", at[1].display())),
+    ]
+}
+
+fn shutdown_removes_only_our_own_socket_file(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let (stream, dgram) = (dir.path().join("echo.sock"), dir.path().join("echo.dgram"));
+    let a = start_bindings(engine, echo_on(&[&stream, &dgram]), Options::default());
+    unix_echo(&stream, b"from A");
+    // The way a restart is often done: remove the file, start the new one.
+    std::fs::remove_file(&stream).unwrap();
+    std::fs::remove_file(&dgram).unwrap();
+    let b = start_bindings(engine, echo_on(&[&stream, &dgram]), Options::default());
+    a.shutdown();
+    assert!(stream.exists(), "{engine}: A removed B's socket file");
+    assert!(
+        dgram.exists(),
+        "{engine}: A removed B's datagram socket file"
+    );
+    unix_echo(&stream, b"from B");
+    assert_eq!(unix_dgram_echo(dir.path(), &dgram, b"dgram B"), b"dgram B");
+    b.shutdown();
+    assert!(!stream.exists(), "{engine}: B left its socket file");
+    assert!(!dgram.exists(), "{engine}: B left its datagram socket file");
+}
+
+fn a_live_socket_file_is_never_taken_over(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let (stream, dgram) = (dir.path().join("echo.sock"), dir.path().join("echo.dgram"));
+    let a = start_bindings(engine, echo_on(&[&stream, &dgram]), Options::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (s, d) = (stream.clone(), dgram.clone());
+    let b = start_host(engine, move |host| {
+        for at in [
+            format!("unix://{}", s.display()),
+            format!("unix-dgram://{}", d.display()),
+        ] {
+            let got = host.bind_builtin(Builtin::Echo, at.parse().unwrap(), Options::default());
+            tx.send(got.map_err(|e| (e.kind(), e.to_string()))).unwrap();
+        }
+        vec![]
+    });
+    for _ in 0..2 {
+        match rx.recv().unwrap() {
+            Err((kind, message)) => {
+                assert_eq!(kind, std::io::ErrorKind::AddrInUse, "{engine}: {message}");
+                assert!(message.contains("in use"), "{message}");
+            }
+            Ok(bound) => panic!("{engine}: took over {bound} from a live server"),
+        }
+    }
+    drop(b);
+    // The refused bind touched nothing of A's.
+    unix_echo(&stream, b"A still here");
+    assert_eq!(unix_dgram_echo(dir.path(), &dgram, b"A dgram"), b"A dgram");
+    a.shutdown();
+    assert!(!stream.exists() && !dgram.exists(), "{engine}");
+}
+
+/// Binds `first` (stream and datagram), then fails on a path in a
+/// directory that does not exist, and drops the server without running it.
+fn fail_to_start<H: muxserve::Host>(
+    mut host: H,
+    first: &[&std::path::Path],
+    bad: &std::path::Path,
+) {
+    for (service, at) in echo_on(first) {
+        service
+            .bind(&mut host, at.parse().unwrap(), Options::default())
+            .unwrap();
+    }
+    assert!(first.iter().all(|p| p.exists()));
+    let at = format!("unix://{}", bad.display());
+    assert!(Builtin::Echo
+        .bind(&mut host, at.parse().unwrap(), Options::default())
+        .is_err());
+}
+
+fn a_failed_start_leaves_no_socket_file(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let (stream, dgram) = (dir.path().join("echo.sock"), dir.path().join("echo.dgram"));
+    let bad = dir.path().join("no-such-dir").join("x.sock");
+    match engine {
+        Engine::Threads => fail_to_start(
+            muxserve::ThreadedServer::new(Config::default(), Default::default()).unwrap(),
+            &[&stream, &dgram],
+            &bad,
+        ),
+        loop_engine => fail_to_start(
+            muxserve::Server::with_engine(loop_engine, Config::default()).unwrap(),
+            &[&stream, &dgram],
+            &bad,
+        ),
+    }
+    assert!(!stream.exists(), "{engine}: the socket file stayed");
+    assert!(!dgram.exists(), "{engine}: the datagram socket file stayed");
+
+    // The command line: the second binding fails, exit 2, nothing left.
+    let first = format!("echo@unix://{}", stream.display());
+    let second = format!("echo@unix://{}", bad.display());
+    let (code, stderr) = run_cli(&["serve", "--engine", engine.name(), &first, &second]);
+    assert_eq!(code, 2, "{engine}: {stderr}");
+    assert!(
+        !stream.exists(),
+        "{engine}: the command left its socket file"
+    );
+}
+
+on_every_engine!(
+    durations_of_duration_max_never_panic,
+    shutdown_removes_only_our_own_socket_file,
+    a_live_socket_file_is_never_taken_over,
+    a_failed_start_leaves_no_socket_file,
+);

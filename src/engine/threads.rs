@@ -693,11 +693,9 @@ impl ThreadedServer {
         selector: &mut Selector,
         workers: Vec<JoinHandle<()>>,
     ) -> Report {
-        for (l, _, endpoint) in self.listeners.drain(..) {
+        for (l, _, _) in self.listeners.drain(..) {
+            // Dropping the listener removes its socket file, if any.
             let _ = selector.unregister(l.fd());
-            if let Endpoint::Unix(path) = &endpoint {
-                let _ = std::fs::remove_file(path);
-            }
         }
         let now = Instant::now();
         log::info!(
@@ -785,9 +783,7 @@ fn serve_datagrams(shared: &Shared, mut bound: DgramBound) {
             shared.handle.shutdown();
         }
     }
-    if let Endpoint::UnixDatagram(path) = &bound.endpoint {
-        let _ = std::fs::remove_file(path);
-    }
+    // Dropping `bound` removes its socket file, if any.
 }
 
 /// Whom a callback is about: a connection, or (`me` NONE) a service.
