@@ -2,6 +2,13 @@
 //!
 //! Every number here says why it is what it is and what happens past it.
 //! [`Config`] is server-wide; [`Limits`] can differ per listener.
+//!
+//! Every duration here (and every one a service passes to a timer) may be
+//! as large as `Duration::MAX`: deadlines are computed with
+//! [`timer::deadline`](crate::timer::deadline), which saturates about 100
+//! years ahead, so a huge timeout means "never" instead of an overflow
+//! panic. The command line is stricter and refuses anything above
+//! one year (see `muxserve serve --help`).
 
 use std::time::Duration;
 
@@ -12,6 +19,8 @@ pub struct Limits {
     /// Close a connection after this long with no bytes in either direction.
     /// Default 300 s (nginx's keepalive order of magnitude); `None` is off.
     /// Services can change it per connection (chat members turn it off).
+    /// On the loop engines a timeout over `u32::MAX` milliseconds (about 49
+    /// days) counts as off.
     pub idle_timeout: Option<Duration>,
     /// Close a connection whose message (line, frame) was started and not
     /// finished this long after its first byte: the defence against the

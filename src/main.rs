@@ -217,10 +217,26 @@ fn some_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The longest duration any flag takes: one year. Nobody means a timeout or
+/// a grace period longer than that, so a bigger number is a typo (or an
+/// attack on the arithmetic) and is refused with a usage error; use 0 where
+/// a flag allows it to turn the timeout off. The library itself takes any
+/// `Duration`, up to `Duration::MAX`.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 60.0 * 60.0;
+
+/// A number of seconds from 0 to [`MAX_SECONDS`], fractions allowed.
 fn seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a usable number of seconds"));
+    }
+    if secs > MAX_SECONDS {
+        return Err(format!(
+            "more than a year ({MAX_SECONDS} seconds), the longest duration accepted"
+        ));
+    }
     Duration::try_from_secs_f64(secs)
         .map_err(|_| format!("{s:?} is not a usable number of seconds"))
 }

@@ -10,7 +10,7 @@ use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -238,7 +238,7 @@ pub(crate) const SEND_FLAGS: libc::c_int = 0; // SO_NOSIGPIPE is set on accept i
 #[derive(Debug)]
 pub(crate) enum StreamListener {
     Tcp(mio::net::TcpListener),
-    Unix(mio::net::UnixListener),
+    Unix(WithFile<mio::net::UnixListener>),
 }
 
 impl StreamListener {
@@ -275,7 +275,7 @@ impl StreamListener {
 #[derive(Debug)]
 pub(crate) enum DgramSocket {
     Udp(mio::net::UdpSocket),
-    Unix(mio::net::UnixDatagram),
+    Unix(WithFile<mio::net::UnixDatagram>),
 }
 
 impl DgramSocket {
@@ -320,10 +320,10 @@ pub(crate) fn dgram_socket(endpoint: &Endpoint) -> io::Result<(DgramSocket, Endp
             Ok((DgramSocket::Udp(s), Endpoint::Udp(local)))
         }
         Endpoint::UnixDatagram(path) => {
-            let socket = unix_socket(path, Type::DGRAM, DEFAULT_SOCKET_MODE, 0)?;
+            let (socket, file) = unix_socket(path, Type::DGRAM, DEFAULT_SOCKET_MODE, 0)?;
             let std: std::os::unix::net::UnixDatagram = socket.into();
             Ok((
-                DgramSocket::Unix(mio::net::UnixDatagram::from_std(std)),
+                DgramSocket::Unix(WithFile::new(mio::net::UnixDatagram::from_std(std), file)),
                 endpoint.clone(),
             ))
         }
@@ -353,7 +353,7 @@ pub(crate) fn udp_socket(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
 #[derive(Debug)]
 pub(crate) enum StdListener {
     Tcp(std::net::TcpListener),
-    Unix(std::os::unix::net::UnixListener),
+    Unix(WithFile<std::os::unix::net::UnixListener>),
 }
 
 impl StdListener {
@@ -361,6 +361,17 @@ impl StdListener {
         match self {
             StdListener::Tcp(l) => l.as_raw_fd(),
             StdListener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// The same listener for a mio poller (the socket file goes with it).
+    pub(crate) fn into_mio(self) -> StreamListener {
+        match self {
+            StdListener::Tcp(l) => StreamListener::Tcp(mio::net::TcpListener::from_std(l)),
+            StdListener::Unix(WithFile { socket, file }) => StreamListener::Unix(WithFile::new(
+                mio::net::UnixListener::from_std(socket),
+                file,
+            )),
         }
     }
 }
@@ -380,8 +391,11 @@ pub(crate) fn stream_listener(
             Ok((StdListener::Tcp(l), Endpoint::Tcp(local)))
         }
         Endpoint::Unix(path) => {
-            let socket = unix_socket(path, Type::STREAM, DEFAULT_SOCKET_MODE, backlog)?;
-            Ok((StdListener::Unix(socket.into()), endpoint.clone()))
+            let (socket, file) = unix_socket(path, Type::STREAM, DEFAULT_SOCKET_MODE, backlog)?;
+            Ok((
+                StdListener::Unix(WithFile::new(socket.into(), file)),
+                endpoint.clone(),
+            ))
         }
         Endpoint::Udp(_) | Endpoint::UnixDatagram(_) => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -416,12 +430,19 @@ pub(crate) fn tcp_listener(
 /// connect.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o700;
 
-/// Creates a Unix socket of `ty` bound to `path` with file mode `mode`.
+/// Creates a Unix socket of `ty` bound to `path` with file mode `mode`,
+/// and the guard that removes the socket file it created.
 ///
 /// A socket file left behind by a dead server is replaced; one that still
 /// answers is not (`AddrInUse`), and a path that is not a socket is never
-/// removed.
-pub(crate) fn unix_socket(path: &Path, ty: Type, mode: u32, backlog: i32) -> io::Result<Socket> {
+/// removed. If anything fails after `bind` created the file, the guard
+/// removes it again before the error is returned.
+pub(crate) fn unix_socket(
+    path: &Path,
+    ty: Type,
+    mode: u32,
+    backlog: i32,
+) -> io::Result<(Socket, SocketFile)> {
     remove_if_stale(path, ty)?;
     let socket = Socket::new(Domain::UNIX, ty, None)?;
     socket.set_nonblocking(true)?;
@@ -430,11 +451,90 @@ pub(crate) fn unix_socket(path: &Path, ty: Type, mode: u32, backlog: i32) -> io:
     let _ = SockRef::from(&socket).set_cloexec(true);
     fchmod(&socket, mode);
     socket.bind(&socket2::SockAddr::unix(path)?)?;
+    let file = SocketFile::created(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     if ty == Type::STREAM {
         socket.listen(backlog)?;
     }
-    Ok(socket)
+    Ok((socket, file))
+}
+
+/// The socket file a listener (or datagram socket) of ours created, removed
+/// when the guard is dropped: at shutdown, when a server that never ran is
+/// dropped, and on every error path between `bind` and serving, on every
+/// engine, with no code of the engines' own.
+///
+/// It is removed only if the path still names the very file `bind` made
+/// (same device and inode). Another server may have replaced it since:
+/// someone deleted ours and started a new one on the same path, which is
+/// how a restart is often done. Unlinking by name alone would cut that
+/// server off from every new client while it keeps running. (A replacement
+/// between our check and the unlink cannot be ruled out from user space;
+/// that window is a few microseconds at shutdown.)
+/// A Unix socket together with the socket file it created: derefs to the
+/// socket, and removes the file (see [`SocketFile`]) when dropped.
+#[derive(Debug)]
+pub(crate) struct WithFile<T> {
+    socket: T,
+    file: SocketFile,
+}
+
+impl<T> WithFile<T> {
+    fn new(socket: T, file: SocketFile) -> WithFile<T> {
+        WithFile { socket, file }
+    }
+}
+
+impl<T> std::ops::Deref for WithFile<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.socket
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// Remembers the file `bind` has just created at `path`. If even that
+    /// fails, the file is removed by name: nobody else can have replaced it
+    /// in between, for practical purposes.
+    fn created(path: &Path) -> io::Result<SocketFile> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => Ok(SocketFile {
+                path: path.to_path_buf(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let path = self.path.display();
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        log::warn!("cannot remove {path}: {e}");
+                    }
+                }
+            }
+            Ok(_) => log::info!("{path} is no longer the socket file we made; left as it is"),
+            // Someone removed it already.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot check {path} before removing it: {e}"),
+        }
+    }
 }
 
 fn fchmod(socket: &Socket, mode: u32) {
@@ -456,12 +556,19 @@ fn remove_if_stale(path: &Path, ty: Type) -> io::Result<()> {
             format!("{} exists and is not a socket", path.display()),
         ));
     }
+    // Does anything answer there? Non-blocking, so a live server with a
+    // full backlog (EAGAIN) counts as live instead of hanging the start.
     let probe = Socket::new(Domain::UNIX, ty, None)?;
-    match probe.connect(&socket2::SockAddr::unix(path)?) {
-        Ok(()) => Err(io::Error::new(
+    probe.set_nonblocking(true)?;
+    let in_use = || {
+        io::Error::new(
             io::ErrorKind::AddrInUse,
             format!("{} is in use by a running server", path.display()),
-        )),
+        )
+    };
+    match probe.connect(&socket2::SockAddr::unix(path)?) {
+        Ok(()) => Err(in_use()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(in_use()),
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
             log::info!("replacing stale socket file {}", path.display());
             std::fs::remove_file(path)

@@ -209,7 +209,7 @@ impl<S: Service> Harness<S> {
 
     /// Moves the clock forward, firing due timers in order.
     pub fn advance(&mut self, by: Duration) {
-        let end = self.state.now + by;
+        let end = crate::timer::deadline(self.state.now, by);
         while let Some(at) = self.state.timers.next_deadline().filter(|&at| at <= end) {
             self.state.now = self.state.now.max(at);
             while let Some((timer, (_, conn))) = self.state.timers.pop_expired(self.state.now) {
@@ -400,8 +400,11 @@ impl Driver for State {
         after: Duration,
         period: Option<Duration>,
     ) -> TimerId {
-        self.timers
-            .insert(self.now + after, period, (service, conn))
+        self.timers.insert(
+            crate::timer::deadline(self.now, after),
+            period,
+            (service, conn),
+        )
     }
 
     fn cancel_timer(&mut self, timer: TimerId) -> bool {

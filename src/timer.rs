@@ -23,6 +23,20 @@ pub struct TimerId {
     gen: u32,
 }
 
+/// How far ahead [`deadline`] puts a deadline that `Instant` cannot hold
+/// (or that is further away than this anyway): about 100 years, which no
+/// server runs for, so "after `Duration::MAX`" means "never" in practice
+/// while staying an ordinary, comparable `Instant`.
+pub const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `now + after`, saturating: never later than `now` + [`FAR_FUTURE`], so no
+/// duration, however large (`Duration::MAX` included), makes the addition
+/// overflow and panic. Every deadline the engines compute goes through
+/// here.
+pub fn deadline(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after.min(FAR_FUTURE)).unwrap_or(now)
+}
+
 /// The shortest period a repeating timer may have; shorter ones are raised
 /// to it so a zero period cannot spin the loop.
 pub const MIN_PERIOD: Duration = Duration::from_millis(1);
@@ -136,9 +150,9 @@ impl<T: Clone> Timers<T> {
         let entry = &mut self.entries[key as usize];
         match entry.period {
             Some(period) => {
-                let mut next = at + period;
+                let mut next = deadline(at, period);
                 if next <= now {
-                    next = now + period;
+                    next = deadline(now, period);
                 }
                 entry.at = next;
                 self.heap.push(Reverse(Slot { at: next, key, gen }));
@@ -212,6 +226,18 @@ mod tests {
         assert!(timers.pop_expired(t0 + ms(120)).is_some());
         assert!(timers.pop_expired(t0 + ms(120)).is_none());
         assert_eq!(timers.next_deadline(), Some(t0 + ms(130)));
+    }
+
+    #[test]
+    fn deadlines_saturate_instead_of_overflowing() {
+        let t0 = Instant::now();
+        assert_eq!(deadline(t0, ms(5)), t0 + ms(5));
+        assert_eq!(deadline(t0, Duration::MAX), t0 + FAR_FUTURE);
+        let mut timers = Timers::new();
+        timers.insert(deadline(t0, Duration::MAX), Some(Duration::MAX), ());
+        timers.insert(t0, Some(Duration::MAX), ());
+        assert!(timers.pop_expired(t0).is_some());
+        assert!(timers.pop_expired(t0 + ms(1)).is_none());
     }
 
     #[test]

@@ -585,7 +585,7 @@ impl Core {
         {
             // Output is waiting: it must make progress within `after`.
             c.flags |= STALL_ARMED;
-            let at = self.now + after;
+            let at = crate::timer::deadline(self.now, after);
             self.timers
                 .insert(at, None, TimerKind::WriteStall { conn: id, after });
         }
@@ -695,7 +695,11 @@ impl Core {
             return;
         };
         // At least 1 ms (0 means off), at most 49 days.
-        c.idle_ms = after.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
+        // A timeout too long for 32 bits of milliseconds (49 days) is never
+        // reached by the wrapping tick arithmetic of the sweep: it means off.
+        c.idle_ms = after.map_or(0, |d| {
+            u32::try_from(d.as_millis()).map_or(0, |ms| ms.max(1))
+        });
         if let Some(after) = after {
             let every = (after / 4).clamp(MIN_SWEEP, MAX_SWEEP);
             if self.sweep_every.is_none_or(|current| every < current) {
@@ -703,7 +707,7 @@ impl Core {
                     self.timers.cancel(old);
                 }
                 self.sweep_every = Some(every);
-                let at = self.now + every;
+                let at = crate::timer::deadline(self.now, every);
                 self.sweep_timer = Some(self.timers.insert(at, Some(every), TimerKind::IdleSweep));
             }
         }
@@ -940,7 +944,8 @@ impl Driver for Core {
             service: service as u32,
             conn,
         };
-        self.timers.insert(self.now + after, period, kind)
+        self.timers
+            .insert(crate::timer::deadline(self.now, after), period, kind)
     }
 
     fn cancel_timer(&mut self, timer: TimerId) -> bool {

@@ -9,7 +9,6 @@
 use std::fmt;
 use std::io;
 use std::mem;
-use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +30,7 @@ use crate::buffer::Input;
 use crate::config::{
     Config, Limits, DATAGRAMS_PER_WAKEUP, FD_RESERVE, MAX_DATAGRAM, READ_CHUNK, READ_CHUNK_ALONE,
 };
-use crate::net::{self, DgramSocket, Endpoint, StdListener, Stream, StreamListener, ToEndpoint};
+use crate::net::{self, DgramSocket, Endpoint, Stream, StreamListener, ToEndpoint};
 use crate::select::{Backend, FD_SETSIZE};
 use crate::service::{CloseMode, CloseReason, ConnId, Context, DatagramService, PeerAddr, Service};
 use crate::stats::Stats;
@@ -258,7 +257,7 @@ impl Server {
         core.on_panic = config.on_panic;
         core.level = poller.level_triggered();
         if let Some(every) = config.stats_interval {
-            let at = core.now + every;
+            let at = crate::timer::deadline(core.now, every);
             core.timers.insert(at, Some(every), TimerKind::Stats);
         }
         Server {
@@ -348,10 +347,7 @@ impl Server {
     ) -> io::Result<Endpoint> {
         let (listener, bound) =
             net::stream_listener(&endpoint, self.config.backlog, limits.send_buffer)?;
-        let listener = match listener {
-            StdListener::Tcp(l) => StreamListener::Tcp(mio::net::TcpListener::from_std(l)),
-            StdListener::Unix(l) => StreamListener::Unix(mio::net::UnixListener::from_std(l)),
-        };
+        let listener = listener.into_mio();
         let index = self.services.len();
         self.poller
             .register(listener.fd(), LISTENER_BIT | index, Interest::Read)?;
@@ -1078,7 +1074,7 @@ impl Server {
             // Still flushing: `after_write` brings it back when done, and a
             // deadline makes sure a peer that never reads cannot stall it.
             if !c.has(CLOSE_DEADLINE) {
-                let at = self.core.now + self.config.linger;
+                let at = crate::timer::deadline(self.core.now, self.config.linger);
                 if let Some(c) = self.core.get_mut(id) {
                     c.flags |= CLOSE_DEADLINE;
                 }
@@ -1121,7 +1117,7 @@ impl Server {
             c.flags |= LINGER;
             drop(c.take_input());
             c.release();
-            let at = self.core.now + self.config.linger;
+            let at = crate::timer::deadline(self.core.now, self.config.linger);
             self.core
                 .timers
                 .insert(at, None, TimerKind::Linger { conn: id });
@@ -1164,10 +1160,8 @@ impl Server {
         );
         for s in 0..self.services.len() {
             if let Some(listener) = self.services[s].listener.take() {
+                // Dropping the listener removes its socket file, if any.
                 let _ = self.poller.deregister(listener.fd());
-                if let Endpoint::Unix(path) = &self.services[s].endpoint {
-                    remove_socket_file(path);
-                }
             }
             let core = &mut self.core;
             let handler = &mut self.services[s].handler;
@@ -1180,14 +1174,11 @@ impl Server {
         for bound in &mut self.dgrams {
             if let Some(socket) = bound.socket.take() {
                 let _ = self.poller.deregister(socket.fd());
-                if let Endpoint::UnixDatagram(path) = &bound.endpoint {
-                    remove_socket_file(path);
-                }
             }
         }
         self.end_of_turn();
         self.state = State::Draining {
-            deadline: self.core.now + self.config.grace,
+            deadline: crate::timer::deadline(self.core.now, self.config.grace),
         };
     }
 
@@ -1242,29 +1233,6 @@ impl Server {
             );
         }
         log::info!("stopped: {}", self.core.stats);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        for bound in &self.services {
-            if let (Some(_), Endpoint::Unix(path)) = (&bound.listener, &bound.endpoint) {
-                remove_socket_file(path);
-            }
-        }
-        for bound in &self.dgrams {
-            if let (Some(_), Endpoint::UnixDatagram(path)) = (&bound.socket, &bound.endpoint) {
-                remove_socket_file(path);
-            }
-        }
-    }
-}
-
-fn remove_socket_file(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != io::ErrorKind::NotFound {
-            log::warn!("cannot remove {}: {e}", path.display());
-        }
     }
 }
 

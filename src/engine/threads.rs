@@ -1208,11 +1208,9 @@ impl ThreadedServer {
         workers: Vec<JoinHandle<()>>,
         stop_datagrams: UnixStream,
     ) -> Report {
-        for (l, _, endpoint) in self.listeners.drain(..) {
+        for (l, _, _) in self.listeners.drain(..) {
+            // Dropping the listener removes its socket file, if any.
             let _ = selector.unregister(l.fd());
-            if let Endpoint::Unix(path) = &endpoint {
-                let _ = std::fs::remove_file(path);
-            }
         }
         // Datagrams have nothing to finish: their threads stop now.
         drop(stop_datagrams);
@@ -1859,9 +1857,7 @@ fn serve_datagrams(shared: &Shared, mut bound: DgramBound, stop: &UnixStream) {
             }
         }
     }
-    if let Endpoint::UnixDatagram(path) = &bound.endpoint {
-        let _ = std::fs::remove_file(path);
-    }
+    // Dropping `bound` removes its socket file, if any.
 }
 
 // ---- service timers ---------------------------------------------------

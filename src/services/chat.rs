@@ -20,11 +20,32 @@
 //! line or one that is not UTF-8 gets an error line and goes nowhere; the
 //! sender stays.
 //!
+//! # What reaches other members' terminals
+//!
+//! Members read the room in terminals, and a terminal obeys control
+//! characters: a bare carriage return moves back to the start of the line
+//! (so `"\rbob: ..."` would overwrite the sender's own `<nick>` and seem to
+//! come from bob), ESC starts a sequence that can clear the screen, move the
+//! cursor or set the window title, and NUL, DEL and the C1 controls (U+0080
+//! to U+009F, among them the single-character CSI) do their own tricks. So
+//! before a line is looked at, every control character in it (Unicode
+//! category Cc: U+0000 to U+001F, U+007F, U+0080 to U+009F) except TAB is
+//! replaced by U+FFFD, the replacement character, one for one. That covers
+//! every path a member's text takes to others: plain lines, `/me`, `/msg`,
+//! the `/quit` reason and nicknames (which allow only ASCII letters, digits,
+//! `_` and `-` anyway). TAB and every other valid UTF-8 character pass
+//! unchanged. Replacing rather than dropping keeps the attempt visible.
+//!
+//! Bytes that are not UTF-8 are not repaired: such a line gets
+//! `error: that line is not UTF-8; not sent` and goes to no one, so a C1
+//! control cannot sneak in as a raw 8-bit byte either.
+//!
 //! A member that stops reading never slows the others: messages for it
 //! queue in its own output buffer, and once that passes the hard cap (or
 //! stays above the soft cap for the soft period) the member is evicted
 //! with a last notice.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -247,6 +268,30 @@ fn deliver(cx: &mut Context<'_>, member: &mut Member, line: &[u8], caps: &Caps, 
     }
 }
 
+/// What replaces a control character in a member's line (see the module
+/// docs, "What reaches other members' terminals").
+pub const CONTROL_REPLACEMENT: char = char::REPLACEMENT_CHARACTER;
+
+/// `line` with every control character but TAB replaced by
+/// [`CONTROL_REPLACEMENT`]; borrowed when there is none (the usual case).
+fn printable(line: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\t';
+    if !line.contains(unsafe_char) {
+        return Cow::Borrowed(line);
+    }
+    Cow::Owned(
+        line.chars()
+            .map(|c| {
+                if unsafe_char(c) {
+                    CONTROL_REPLACEMENT
+                } else {
+                    c
+                }
+            })
+            .collect(),
+    )
+}
+
 fn plural(n: usize, what: &str) -> String {
     if n == 1 {
         format!("1 {what}")
@@ -268,6 +313,10 @@ impl FrameService for Chat {
             cx.protocol_error();
             return cx.write(b"error: that line is not UTF-8; not sent\r\n");
         };
+        // Before anything else looks at it, so every command and every
+        // relayed piece of the line is free of terminal controls.
+        let line = printable(line);
+        let line = &*line;
         let Some(nick) = s.nick.clone() else {
             return self.register(cx, s, line.trim());
         };
