@@ -9,20 +9,11 @@
 mod common;
 
 use std::fs::File;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use muxserve::services::Echo;
 use muxserve::{Config, Server};
-
-fn turns_in(server: &mut Server, span: Duration) -> u64 {
-    let before = server.stats().turns;
-    let start = Instant::now();
-    while let Some(left) = span.checked_sub(start.elapsed()) {
-        server.run_once(Some(left)).unwrap();
-    }
-    server.stats().turns - before
-}
 
 /// Opens descriptors until the process has none left.
 fn exhaust_descriptors() -> Vec<File> {

@@ -7,21 +7,11 @@ mod common;
 use std::io::Write;
 use std::net::Shutdown;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use muxserve::services::Echo;
 use muxserve::{Config, Limits, Server};
-
-/// Turns the server takes in `span` when nothing happens.
-fn turns_in(server: &mut Server, span: Duration) -> u64 {
-    let before = server.stats().turns;
-    let start = Instant::now();
-    while let Some(left) = span.checked_sub(start.elapsed()) {
-        server.run_once(Some(left)).unwrap();
-    }
-    server.stats().turns - before
-}
 
 /// A client that sends without reading until the server stops reading it
 /// (its output is above the high-water mark): the connection is paused,

@@ -520,3 +520,14 @@ impl Gate {
         );
     }
 }
+
+/// Turns `server` takes in `span` (its `Stats::turns`), stepping it for
+/// that long: how often a loop with nothing to do wakes up.
+pub fn turns_in(server: &mut Server, span: Duration) -> u64 {
+    let before = server.stats().turns;
+    let start = Instant::now();
+    while let Some(left) = span.checked_sub(start.elapsed()) {
+        server.run_once(Some(left)).unwrap();
+    }
+    server.stats().turns - before
+}
