@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -14,29 +13,6 @@ use std::time::Duration;
 use common::*;
 use muxserve::services::chat::{Caps, Chat};
 use muxserve::{Config, Server};
-
-fn join(addr: SocketAddr, nick: &str) -> LineClient {
-    let mut c = LineClient::connect(addr);
-    c.expect("* welcome to muxserve chat");
-    c.expect("nickname?");
-    c.send(nick);
-    let welcome = c.line();
-    assert!(
-        welcome.starts_with(&format!("* welcome, {nick};")),
-        "{welcome:?}"
-    );
-    c
-}
-
-/// Joins a member that will never read, with a small receive window.
-fn join_hog(addr: SocketAddr) -> LineClient {
-    let mut hog = LineClient::from_stream(small_window_client(addr));
-    hog.expect("* welcome to muxserve chat");
-    hog.expect("nickname?");
-    hog.send("hog");
-    hog.line();
-    hog
-}
 
 #[test]
 fn nicknames_are_negotiated() {

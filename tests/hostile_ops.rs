@@ -37,20 +37,6 @@ fn tcp(endpoint: &Endpoint) -> SocketAddr {
     endpoint.socket_addr().expect("a TCP endpoint")
 }
 
-/// Joins a chat room as `nick`.
-fn join(addr: SocketAddr, nick: &str) -> LineClient {
-    let mut c = LineClient::connect(addr);
-    c.expect("* welcome to muxserve chat");
-    c.expect("nickname?");
-    c.send(nick);
-    let welcome = c.line();
-    assert!(
-        welcome.starts_with(&format!("* welcome, {nick};")),
-        "{welcome:?}"
-    );
-    c
-}
-
 fn durations_of_duration_max_never_panic(engine: Engine) {
     let server = start_host_with(engine, config_of_forever(), |host| {
         let echo = host

@@ -5,25 +5,10 @@
 mod common;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
 use muxserve::services::{Builtin, Options};
-
-/// Joins the room as `nick`, reading the greeting and the welcome line.
-fn join(addr: SocketAddr, nick: &str) -> LineClient {
-    let mut c = LineClient::connect(addr);
-    c.expect("* welcome to muxserve chat");
-    c.expect("nickname?");
-    c.send(nick);
-    let welcome = c.line();
-    assert!(
-        welcome.starts_with(&format!("* welcome, {nick};")),
-        "{welcome:?}"
-    );
-    c
-}
 
 /// Sends raw bytes (a line end included by the caller).
 fn send_raw(c: &mut LineClient, bytes: &[u8]) {

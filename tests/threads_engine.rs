@@ -133,29 +133,6 @@ where
     }
 }
 
-fn join(addr: SocketAddr, nick: &str) -> LineClient {
-    let mut c = LineClient::connect(addr);
-    c.expect("* welcome to muxserve chat");
-    c.expect("nickname?");
-    c.send(nick);
-    let welcome = c.line();
-    assert!(
-        welcome.starts_with(&format!("* welcome, {nick};")),
-        "{welcome:?}"
-    );
-    c
-}
-
-/// Joins a member that will not read, with a small receive window.
-fn join_hog(addr: SocketAddr) -> LineClient {
-    let mut hog = LineClient::from_stream(small_window_client(addr));
-    hog.expect("* welcome to muxserve chat");
-    hog.expect("nickname?");
-    hog.send("hog");
-    hog.line();
-    hog
-}
-
 /// Wraps a service and records the most output its connection had queued
 /// right after each `on_data` (through `Context::output_len`).
 struct Watch<S> {

@@ -531,3 +531,28 @@ pub fn turns_in(server: &mut Server, span: Duration) -> u64 {
     }
     server.stats().turns - before
 }
+
+/// Joins a chat room as `nick`, reading the greeting and the welcome line.
+pub fn join(addr: SocketAddr, nick: &str) -> LineClient {
+    let mut c = LineClient::connect(addr);
+    c.expect("* welcome to muxserve chat");
+    c.expect("nickname?");
+    c.send(nick);
+    let welcome = c.line();
+    assert!(
+        welcome.starts_with(&format!("* welcome, {nick};")),
+        "{welcome:?}"
+    );
+    c
+}
+
+/// Joins a chat member, "hog", that will never read, with a small receive
+/// window.
+pub fn join_hog(addr: SocketAddr) -> LineClient {
+    let mut hog = LineClient::from_stream(small_window_client(addr));
+    hog.expect("* welcome to muxserve chat");
+    hog.expect("nickname?");
+    hog.send("hog");
+    hog.line();
+    hog
+}
