@@ -198,7 +198,27 @@ pub struct Config {
     /// After the server closes a connection the peer has not finished
     /// sending on, how long to read and discard its input so the close is a
     /// FIN and not a reset that could destroy the last reply. Default 2 s.
+    /// Refused clients (see `max_connections`, `max_per_source`) linger
+    /// the same way, so one that talked first still reads its notice.
     pub linger: Duration,
+    /// The most input a closing connection may send while it lingers;
+    /// past it, the connection is reset. Default 256 KiB: a request or two
+    /// already in flight fits many times over, while a peer that keeps
+    /// sending to a connection we closed is flooding it, and reading its
+    /// flood for the whole linger time would cost every other client. The
+    /// loop engines also read a lingering connection at most
+    /// [`READ_CHUNK_ALONE`] a turn, so it never delays a turn by more
+    /// than one read.
+    pub linger_bytes: usize,
+    /// Most connections one source address may hold at once (nginx's
+    /// `limit_conn`, HAProxy's `src_conn_cur`); past it a new connection
+    /// from that address gets one error line and is closed, like one past
+    /// `max_connections`, and is counted in `rejected_per_source`. A
+    /// source is a whole IPv4 or IPv6 address; Unix-socket peers are not
+    /// counted. Default 0, no cap: clients behind one NAT, or a benchmark
+    /// on loopback, share one address, so only the operator knows a safe
+    /// figure.
+    pub max_per_source: usize,
     /// Set `TCP_NODELAY` on accepted TCP connections, so small replies leave
     /// at once instead of waiting for an ACK. Default true.
     pub nodelay: bool,
@@ -238,6 +258,8 @@ impl Default for Config {
             reads_per_wakeup: 4,
             grace: Duration::from_secs(5),
             linger: Duration::from_secs(2),
+            linger_bytes: 256 * 1024,
+            max_per_source: 0,
             nodelay: true,
             on_panic: PanicPolicy::default(),
             fd_reserve: FD_RESERVE,

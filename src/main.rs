@@ -129,6 +129,10 @@ struct ServeArgs {
     /// descriptor limit (default 32).
     #[arg(long, value_name = "N")]
     fd_reserve: Option<usize>,
+    /// Most connections one client address may hold at once (default: no
+    /// cap; loopback benchmarks come from one address).
+    #[arg(long, value_name = "N", value_parser = at_least::<1>)]
+    max_per_source: Option<usize>,
     /// Close connections idle this long (seconds; 0 = never).
     #[arg(long, value_name = "SECS", value_parser = seconds)]
     idle_timeout: Option<Duration>,
@@ -279,6 +283,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(n) = args.fd_reserve {
         config.fd_reserve = n;
+    }
+    if let Some(n) = args.max_per_source {
+        config.max_per_source = n;
     }
     if let Some(t) = args.idle_timeout {
         config.limits.idle_timeout = (!t.is_zero()).then_some(t);

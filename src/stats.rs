@@ -71,6 +71,8 @@ stats! {
     rejected_limit,
     /// Connections refused by the admission hook.
     rejected_admission,
+    /// Connections refused because their address had `max_per_source` open.
+    rejected_per_source,
     /// Times accepting was paused for lack of descriptors or memory.
     accept_pauses,
     /// Failed `accept` calls, all kinds.
@@ -122,6 +124,10 @@ stats! {
     reflection_drops,
     /// Datagram replies refused by the reply budget (per source or in all).
     reply_budget_drops,
+    /// Bytes read and thrown away from connections lingering after a close.
+    linger_discarded,
+    /// Lingering connections reset for sending more than `linger_bytes`.
+    linger_resets,
     /// Times the engine woke up: loop turns on the loop engines, wakeups
     /// of the acceptor on the thread engine. A server with nothing to do
     /// should not add to it.

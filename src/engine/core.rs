@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use super::admit::Sources;
 use super::{Interest, Poller, GEN_MASK};
 use crate::buffer::OutBuf;
 use crate::config::{Limits, PanicPolicy};
@@ -50,6 +51,9 @@ pub(super) const STALL_ARMED: u16 = 1 << 13;
 /// READABLE is not registered: a level-triggered poller would report a
 /// readiness the loop will not act on (see [`Core::sync_interest`]).
 pub(super) const READ_OFF: u16 = 1 << 14;
+/// A refused client, lingering only so that its notice is not destroyed
+/// by a reset (see [`super::admit`]): no service, not counted as open.
+pub(super) const REFUSED: u16 = 1 << 15;
 
 /// Flags that need [`Core::after_write`]'s attention even when all output
 /// went out.
@@ -74,6 +78,8 @@ pub(super) struct Conn {
     /// The idle timeout in milliseconds, 0 for none. Checked by the idle
     /// sweep, not by a timer of its own.
     pub idle_ms: u32,
+    /// Input read and thrown away while lingering (see `Config::linger_bytes`).
+    pub lingered: u32,
 }
 
 /// What a connection holds between turns: input the service left
@@ -212,6 +218,11 @@ pub(super) struct Core {
     /// How often the idle sweep runs, once some connection has a timeout.
     sweep_every: Option<Duration>,
     sweep_timer: Option<TimerId>,
+    /// Connections open per source address (the per-source cap).
+    pub sources: Sources,
+    /// Refused clients lingering now (at most
+    /// [`REFUSED_LINGERING`](super::admit::REFUSED_LINGERING)).
+    pub refused: usize,
 }
 
 /// Bytes written to one connection per turn before the others get theirs:
@@ -257,7 +268,15 @@ impl Core {
             now_tick: 0,
             sweep_every: None,
             sweep_timer: None,
+            sources: Sources::default(),
+            refused: 0,
         }
+    }
+
+    /// Connections that count against `max_connections`: every one the
+    /// engine holds, lingering ones included, but refused clients.
+    pub fn held(&self) -> usize {
+        self.conns.len() - self.refused
     }
 
     pub fn next_gen(&mut self) -> u32 {
@@ -673,6 +692,11 @@ impl Core {
         }
         let c = self.conns.remove(id.index());
         let _ = poller.closing(c.stream.fd());
+        if c.has(REFUSED) {
+            self.refused -= 1;
+        } else {
+            self.sources.release(&c.peer);
+        }
         // A connection the peer reset is gone already; only our own aborts
         // need SO_LINGER 0 to turn the close into a reset.
         let reset_by_peer = matches!(

@@ -85,6 +85,7 @@ pub mod mio;
 pub mod select;
 mod threads;
 
+mod admit;
 mod core;
 mod dgram;
 mod server;
@@ -128,6 +129,10 @@ pub trait Host {
     /// The configuration the server runs with.
     fn config(&self) -> &crate::Config;
 
+    /// Lets only peers `admit` accepts connect (see
+    /// [`Server::set_admission`]).
+    fn set_admission(&mut self, admit: impl Fn(&crate::PeerAddr) -> bool + Send + Sync + 'static);
+
     /// Serves a stream endpoint with `service`.
     fn bind_stream<S>(
         &mut self,
@@ -162,6 +167,10 @@ pub trait Host {
 impl Host for Server {
     fn config(&self) -> &crate::Config {
         Server::config(self)
+    }
+
+    fn set_admission(&mut self, admit: impl Fn(&crate::PeerAddr) -> bool + Send + Sync + 'static) {
+        Server::set_admission(self, admit)
     }
 
     fn bind_stream<S>(
@@ -204,6 +213,10 @@ impl Host for Server {
 impl Host for ThreadedServer {
     fn config(&self) -> &crate::Config {
         ThreadedServer::config(self)
+    }
+
+    fn set_admission(&mut self, admit: impl Fn(&crate::PeerAddr) -> bool + Send + Sync + 'static) {
+        ThreadedServer::set_admission(self, admit)
     }
 
     fn bind_stream<S>(

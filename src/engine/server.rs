@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::admit::{Refusal, REFUSED_LINGERING};
 use super::core::{
     conn_id, token, Conn, Core, TimerKind, ABORT, BACKPRESSURED, CLOSE_DEADLINE, CLOSING,
-    CONNECTED, EOF, LINGER, PAUSED, READY, REDELIVER, STALL_ARMED, WRITE_AGAIN,
+    CONNECTED, EOF, LINGER, PAUSED, READY, REDELIVER, REFUSED, STALL_ARMED, WRITE_AGAIN,
 };
 use super::dgram;
 use super::mio::MioPoller;
@@ -42,9 +43,6 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Accept errors are logged at most this often, so a flood of them cannot
 /// become a flood of log lines.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
-
-/// The line a client gets when `max_connections` are open.
-const FULL_LINE: &[u8] = b"error: server full, try again later\r\n";
 
 // Values of `Shared::request`.
 const RUNNING: u8 = 0;
@@ -201,6 +199,7 @@ pub struct Server {
     report: Report,
     accept_retry_armed: bool,
     last_accept_log: Option<Instant>,
+    last_register_log: Option<Instant>,
     admission: Option<Admission>,
     /// Set by [`Server::stop_on_signals`].
     signals: Option<SignalPipe>,
@@ -244,9 +243,10 @@ impl Server {
         };
         let mut max_conns = config.effective_max_connections();
         if engine == Engine::Select {
-            // Every descriptor must stay below FD_SETSIZE; keep room for
-            // listeners and the waker.
-            max_conns = max_conns.min(FD_SETSIZE - config.fd_reserve.max(FD_RESERVE));
+            // Every descriptor must stay below FD_SETSIZE: keep room for
+            // listeners, the waker and refused clients that linger.
+            max_conns =
+                max_conns.min(FD_SETSIZE - config.fd_reserve.max(FD_RESERVE) - REFUSED_LINGERING);
         }
         Ok(Server::with_poller(poller, config, max_conns))
     }
@@ -254,6 +254,7 @@ impl Server {
     fn with_poller(poller: Box<dyn Poller>, config: Config, max_conns: usize) -> Server {
         let handle = Handle::new(poller.waker());
         let mut core = Core::new();
+        core.sources = super::admit::Sources::new(config.max_per_source);
         core.on_panic = config.on_panic;
         core.level = poller.level_triggered();
         if let Some(every) = config.stats_interval {
@@ -277,6 +278,7 @@ impl Server {
             report: Report::default(),
             accept_retry_armed: false,
             last_accept_log: None,
+            last_register_log: None,
             admission: None,
             signals: None,
         }
@@ -723,31 +725,23 @@ impl Server {
 
     fn admit(&mut self, s: usize, stream: Stream, peer: PeerAddr) {
         let core = &mut self.core;
-        if core.stats.active as usize >= self.max_conns {
-            core.stats.rejected_limit += 1;
-            trace!(
-                core.tracing,
-                "    refused {peer}: {} connections open",
-                self.max_conns
-            );
-            // Best effort: the socket is fresh, so this fits its buffer.
-            let _ = stream.send(FULL_LINE);
-            return;
-        }
-        if let Some(admit) = &self.admission {
-            if !admit(&peer) {
-                // Like socketserver's verify_request: close without a word.
-                core.stats.rejected_admission += 1;
-                return;
-            }
+        let held = core.held();
+        if let Err(why) = core
+            .sources
+            .admit(held, self.max_conns, self.admission.as_ref(), &peer)
+        {
+            return self.refuse(s, stream, peer, why);
         }
         let gen = core.next_gen();
         let tick = core.tick();
         let entry = core.conns.vacant_entry();
         let id = ConnId::new(entry.key(), gen);
         if let Err(e) = self.poller.register(stream.fd(), token(id), Interest::Read) {
-            log::warn!("cannot register a connection from {peer}: {e}");
-            return;
+            // The select engine past FD_SETSIZE, or the kernel out of
+            // memory: as good as full.
+            core.sources.release(&peer);
+            self.register_failed(&peer, &e);
+            return self.refuse(s, stream, peer, Refusal::Full);
         }
         trace!(core.tracing, "    accepted {id} from {peer}");
         entry.insert(Conn {
@@ -762,6 +756,7 @@ impl Server {
             last_read: tick,
             last_write: tick,
             idle_ms: 0,
+            lingered: 0,
         });
         let idle = core.limits[s].idle_timeout;
         core.set_idle(id, idle);
@@ -785,6 +780,69 @@ impl Server {
             Err(message) => core.panicked(id, &message),
         }
         core.commit(id, &mut *self.poller);
+    }
+
+    /// Tells a refused client why, sends our FIN, and keeps it (without a
+    /// service) until it has closed too, reading what it sends within the
+    /// linger budget; see [`super::admit`].
+    fn refuse(&mut self, s: usize, stream: Stream, peer: PeerAddr, why: Refusal) {
+        let core = &mut self.core;
+        why.count(&mut core.stats);
+        trace!(core.tracing, "    refused {peer}: {why:?}");
+        // Best effort: the socket is fresh, so this fits its buffer.
+        let _ = stream.send(why.notice());
+        stream.shutdown_write();
+        if core.refused >= REFUSED_LINGERING {
+            // Too many lingering already: what it sent so far is read, so
+            // only input still on its way can turn this into a reset.
+            let (_, n) = linger_read(&stream, &mut self.scratch[..READ_CHUNK_ALONE]);
+            core.stats.linger_discarded += n as u64;
+            return;
+        }
+        let gen = core.next_gen();
+        let tick = core.tick();
+        let entry = core.conns.vacant_entry();
+        let id = ConnId::new(entry.key(), gen);
+        if self
+            .poller
+            .register(stream.fd(), token(id), Interest::Read)
+            .is_err()
+        {
+            return;
+        }
+        entry.insert(Conn {
+            stream,
+            gen,
+            service: s as u32,
+            session: 0,
+            flags: LINGER | REFUSED,
+            reason: CloseReason::Closed,
+            held: None,
+            peer,
+            last_read: tick,
+            last_write: tick,
+            idle_ms: 0,
+            lingered: 0,
+        });
+        core.refused += 1;
+        let at = crate::timer::deadline(core.now, self.config.linger);
+        core.timers.insert(at, None, TimerKind::Linger { conn: id });
+        // What it sent before it was accepted is there already.
+        core.mark_ready(id);
+    }
+
+    /// Logs a connection the poller would not take, at most once per
+    /// [`ACCEPT_LOG_EVERY`]: the select engine fails every one past
+    /// FD_SETSIZE, and a warning per client would flood the log.
+    fn register_failed(&mut self, peer: &PeerAddr, e: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last_register_log
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
+        {
+            self.last_register_log = Some(now);
+            log::warn!("cannot watch a connection from {peer}, refused it: {e}");
+        }
     }
 
     // ---- reading ------------------------------------------------------
@@ -821,10 +879,7 @@ impl Server {
             };
             if c.has(LINGER | REDELIVER) {
                 if c.has(LINGER) {
-                    if linger_read(&c.stream, scratch) {
-                        self.remove(id);
-                    }
-                    return;
+                    return self.linger(id);
                 }
                 c.flags &= !REDELIVER;
                 deliver(core, services, poller, id, &[]);
@@ -1126,6 +1181,38 @@ impl Server {
         }
     }
 
+    /// One turn's reading of a lingering connection: at most one
+    /// [`READ_CHUNK_ALONE`], thrown away; past `linger_bytes` in all the
+    /// connection is reset, so a peer flooding a connection we closed
+    /// costs other clients one small read a turn, for a bounded time.
+    fn linger(&mut self, id: ConnId) {
+        let turn = self.core.stats.turns as u32;
+        let Some(c) = self.core.get_mut(id) else {
+            return;
+        };
+        // While lingering, `last_read` holds the turn of the last read: an
+        // event and the still-ready list may both bring it up in one turn.
+        if c.last_read == turn {
+            return self.core.mark_ready(id);
+        }
+        c.last_read = turn;
+        let (found, n) = linger_read(&c.stream, &mut self.scratch[..READ_CHUNK_ALONE]);
+        c.lingered = c.lingered.saturating_add(n as u32);
+        let flooded = c.lingered as usize > self.config.linger_bytes;
+        self.core.stats.linger_discarded += n as u64;
+        match found {
+            Lingered::Closed => self.remove(id),
+            _ if flooded => {
+                self.core.stats.linger_resets += 1;
+                trace!(self.core.tracing, "  {id} reset: flooded while lingering");
+                // Unread input makes the close a reset by itself.
+                self.remove(id);
+            }
+            Lingered::More => self.core.mark_ready(id),
+            Lingered::Drained => {}
+        }
+    }
+
     fn remove(&mut self, id: ConnId) {
         self.core.remove(id, &mut *self.poller);
         // A descriptor came free: if accepting was paused for lack of them,
@@ -1344,17 +1431,29 @@ fn hold_back(core: &mut Core, id: ConnId) {
     }
 }
 
-/// Reads and discards the input of a connection we closed. Returns true
-/// once the peer has closed too (or erred), so the connection can go.
-fn linger_read(stream: &Stream, scratch: &mut [u8]) -> bool {
+/// What one [`linger_read`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Lingered {
+    /// The peer closed (or erred): the connection can go.
+    Closed,
+    /// Nothing more to read for now.
+    Drained,
+    /// The buffer filled: there may be more, for a later turn.
+    More,
+}
+
+/// Reads and discards one buffer of the input of a connection we closed;
+/// returns what it found and how many bytes it threw away.
+fn linger_read(stream: &Stream, buf: &mut [u8]) -> (Lingered, usize) {
     loop {
-        match stream.read(scratch) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+        return match stream.read(buf) {
+            Ok(0) => (Lingered::Closed, 0),
+            Ok(n) if n == buf.len() => (Lingered::More, n),
+            Ok(n) => (Lingered::Drained, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (Lingered::Drained, 0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
+            Err(_) => (Lingered::Closed, 0),
+        };
     }
 }
 

@@ -48,7 +48,7 @@ use std::mem;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::SockRef;
 
+use super::admit::{Refusal, Sources, REFUSED_LINGERING};
 use super::select::SelfPipe;
 use super::server::{SHUTDOWN, STOP};
 use super::{contain, dgram, Admission, Handle, Handler, Hosted, Report, Waker};
@@ -101,14 +102,6 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Accept failures are logged at most once per this period: under EMFILE
 /// they repeat every retry.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
-
-/// What a client refused at the connection cap is told.
-const FULL_LINE: &[u8] = b"error: server full, try again later\r\n";
-
-/// Input read and thrown away while lingering after our FIN. A peer still
-/// sending this much to a connection we closed is flooding it: the rest is
-/// answered with a reset instead of being read for the whole linger time.
-const LINGER_MAX_BYTES: usize = 1024 * 1024;
 
 /// A deadline `after` from `now`, saturating far in the future instead of
 /// overflowing (a limit of `Duration::MAX` means "never").
@@ -374,6 +367,8 @@ struct Peer {
     gen: u32,
     service: usize,
     io: Arc<PeerIo>,
+    /// Counted in `Shared::sources` until the connection is gone.
+    addr: PeerAddr,
 }
 
 /// State every thread shares.
@@ -396,6 +391,12 @@ struct Shared {
     /// the acceptor to try again.
     accept_paused: AtomicBool,
     linger: Duration,
+    linger_bytes: usize,
+    /// Connections open per source address (the per-source cap).
+    sources: Mutex<Sources>,
+    /// Refused clients lingering now, each on a thread of its own (at
+    /// most [`REFUSED_LINGERING`]).
+    refused: AtomicUsize,
     read_chunk: usize,
     on_panic: PanicPolicy,
     /// Times any engine thread returned from a wait (see
@@ -923,6 +924,9 @@ impl ThreadedServer {
             acceptor: self.wake.waker(),
             accept_paused: AtomicBool::new(false),
             linger: self.config.linger,
+            linger_bytes: self.config.linger_bytes,
+            sources: Mutex::new(Sources::new(self.config.max_per_source)),
+            refused: AtomicUsize::new(0),
             read_chunk: self.threads.read_chunk.max(1),
             on_panic: self.config.on_panic,
             wakeups: Arc::clone(&self.wakeups),
@@ -1068,15 +1072,15 @@ impl ThreadedServer {
                     return;
                 }
             };
-            if lock(&shared.stats).active as usize >= acceptor.max_conns {
-                lock(&shared.stats).rejected_limit += 1;
-                // Best effort: the socket is fresh, so this fits its buffer.
-                let _ = stream.send(FULL_LINE);
-                continue;
-            }
-            if self.admission.as_ref().is_some_and(|admit| !admit(&peer)) {
-                // Like socketserver's verify_request: close without a word.
-                lock(&shared.stats).rejected_admission += 1;
+            let open = lock(&shared.stats).active as usize;
+            let admitted = lock(&shared.sources).admit(
+                open,
+                acceptor.max_conns,
+                self.admission.as_ref(),
+                &peer,
+            );
+            if let Err(why) = admitted {
+                refuse(shared, stream, why, self.threads.stack_size);
                 continue;
             }
             if let Err(e) = self.start_connection(*service, stream, peer, shared, acceptor) {
@@ -1167,6 +1171,7 @@ impl ThreadedServer {
             gen,
             service,
             io: Arc::clone(&io),
+            addr: peer.clone(),
         });
         let id = ConnId::new(index, gen);
         {
@@ -1190,7 +1195,8 @@ impl ThreadedServer {
             }
             Err(e) => {
                 // No thread, no connection: undo, as if never accepted.
-                lock(&shared.conns).remove(index);
+                let gone = lock(&shared.conns).remove(index);
+                lock(&shared.sources).release(&gone.addr);
                 let mut stats = lock(&shared.stats);
                 stats.active -= 1;
                 stats.accepted -= 1;
@@ -1684,7 +1690,11 @@ impl Conn<'_> {
         let mut discarded = 0;
         loop {
             let now = Instant::now();
-            if now >= end || discarded > LINGER_MAX_BYTES || lock(&self.io.queue).cut_off {
+            if discarded > self.at.shared.linger_bytes {
+                lock(&self.at.shared.stats).linger_resets += 1;
+                return;
+            }
+            if now >= end || lock(&self.io.queue).cut_off {
                 return;
             }
             self.ready.clear();
@@ -1704,7 +1714,10 @@ impl Conn<'_> {
             }
             match self.io.stream.read(&mut self.buf) {
                 Ok(0) => return,
-                Ok(n) => discarded += n,
+                Ok(n) => {
+                    discarded += n;
+                    lock(&self.at.shared.stats).linger_discarded += n as u64;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -1713,6 +1726,67 @@ impl Conn<'_> {
                 Err(_) => return,
             }
         }
+    }
+}
+
+/// Tells a refused client why and sends our FIN; then a thread of its own
+/// reads and drops what the client sends until it closes too, within the
+/// linger budget, so the close is a FIN and the notice is not destroyed by
+/// a reset (see [`super::admit`]). Past [`REFUSED_LINGERING`] such threads,
+/// or without a thread, it reads what is there now and closes.
+fn refuse(shared: &Arc<Shared>, stream: StdStream, why: Refusal, stack_size: usize) {
+    why.count(&mut lock(&shared.stats));
+    // Best effort: the socket is fresh, so this fits its buffer.
+    let _ = stream.send(why.notice());
+    stream.shutdown(Shutdown::Write);
+    let mut buf = [0; 4096];
+    let drain_now = |stream: &StdStream, buf: &mut [u8]| {
+        let _ = stream.sock().set_nonblocking(true);
+        if let Ok(n) = stream.read(buf) {
+            lock(&shared.stats).linger_discarded += n as u64;
+        }
+    };
+    if shared.refused.fetch_add(1, Ordering::SeqCst) >= REFUSED_LINGERING {
+        shared.refused.fetch_sub(1, Ordering::SeqCst);
+        return drain_now(&stream, &mut buf);
+    }
+    let lingering = Arc::clone(shared);
+    let spawned = thread::Builder::new()
+        .name("refused".into())
+        .stack_size(stack_size)
+        .spawn(move || {
+            let shared = &*lingering;
+            let end = later(Instant::now(), shared.linger);
+            let mut buf = [0; 4096];
+            let mut discarded = 0;
+            loop {
+                let now = Instant::now();
+                if now >= end || discarded > shared.linger_bytes {
+                    if discarded > shared.linger_bytes {
+                        lock(&shared.stats).linger_resets += 1;
+                    }
+                    break;
+                }
+                // Blocking, with the time left as its timeout.
+                if stream.sock().set_read_timeout(Some(end - now)).is_err() {
+                    break;
+                }
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        discarded += n;
+                        lock(&shared.stats).linger_discarded += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            shared.refused.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        // The closure, and the stream in it, is gone: nothing more to do.
+        shared.refused.fetch_sub(1, Ordering::SeqCst);
+        log::debug!("no thread to linger for a refused client: {e}");
     }
 }
 
@@ -1756,7 +1830,8 @@ fn finish(
     {
         let mut conns = lock(&shared.conns);
         if conns.get(me.index()).is_some_and(|p| p.gen == me.gen()) {
-            conns.remove(me.index());
+            let gone = conns.remove(me.index());
+            lock(&shared.sources).release(&gone.addr);
         }
     }
     lock(&shared.stats).record_close(why);
