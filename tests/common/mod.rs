@@ -333,6 +333,9 @@ pub trait HostBind {
     /// Serves UDP on loopback with a datagram service that replies
     /// `reply(datagram)`.
     fn bind_dgram_fn(&mut self, reply: fn(&[u8]) -> Vec<u8>) -> Endpoint;
+
+    /// Sets the admission hook (`Host::set_admission`).
+    fn admit(&mut self, admit: Box<dyn Fn(&muxserve::PeerAddr) -> bool + Send + Sync>);
 }
 
 /// A datagram service made of a function (see [`HostBind::bind_dgram_fn`]).
@@ -377,6 +380,10 @@ impl<H: muxserve::Host> HostBind for H {
     fn bind_dgram_fn(&mut self, reply: fn(&[u8]) -> Vec<u8>) -> Endpoint {
         self.bind_dgram("udp://127.0.0.1:0".parse().unwrap(), DgramFn(reply))
             .expect("bind")
+    }
+
+    fn admit(&mut self, admit: Box<dyn Fn(&muxserve::PeerAddr) -> bool + Send + Sync>) {
+        self.set_admission(admit)
     }
 }
 
