@@ -338,6 +338,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
+/// Prints what a server is serving. A server must not die because no one
+/// reads its banner (stdout closed, or piped into `head -1`), so a failed
+/// write is ignored, where `println!` would panic.
+fn announce(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 /// Binds every service on `server`, says how to connect, and runs.
 fn serve_on<H: Host>(
     mut server: H,
@@ -372,15 +381,24 @@ fn serve_on<H: Host>(
     } else {
         ""
     };
-    println!("muxserve is serving on the {engine} engine{behind} (Ctrl-C to stop):");
-    for line in lines {
-        println!("{line}");
-    }
+    // Watch the signals before saying we are up: whoever reads the list
+    // may signal at once, and must find the server ready for it.
     if let Err(e) = server.stop_on_signals() {
         log::warn!("cannot watch for signals, Ctrl-C will not stop gracefully: {e}");
     }
+    let mut banner =
+        format!("muxserve is serving on the {engine} engine{behind} (Ctrl-C to stop):\n");
+    for line in lines {
+        banner.push_str(&line);
+        banner.push('\n');
+    }
+    announce(&banner);
     match server.run() {
-        Ok(_report) => ExitCode::SUCCESS,
+        Ok(report) => {
+            // However it stopped (a signal, a service), say what happened.
+            log::info!("report: {report}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("muxserve: event loop failed: {e}");
             ExitCode::FAILURE
@@ -527,10 +545,7 @@ fn serve_peer(peer: Peer, bindings: &[Binding]) -> ExitCode {
             "the {name} peer serves exactly one echo@HOST:PORT binding"
         ));
     };
-    let ready = |bound| {
-        println!("{name} echo peer:");
-        println!("  echo     tcp://{bound}");
-    };
+    let ready = |bound| announce(&format!("{name} echo peer:\n  echo     tcp://{bound}\n"));
     let result = match peer {
         Peer::Bare => muxserve::bench::peer::bare_echo(*addr, ready),
         #[cfg(feature = "tokio-peer")]

@@ -248,7 +248,7 @@ impl Host for ThreadedServer {
     }
 
     fn stop_on_signals(&mut self) -> io::Result<()> {
-        signals::watch_in_thread(ThreadedServer::handle(self))
+        ThreadedServer::stop_on_signals(self)
     }
 
     fn run(&mut self) -> io::Result<Report> {

@@ -286,6 +286,8 @@ impl Server {
 
     /// Makes SIGINT and SIGTERM stop this server: the first starts a
     /// graceful shutdown ([`Handle::shutdown`]), a second stops at once.
+    /// SIGHUP stops gracefully too (there is nothing to reload), SIGQUIT
+    /// stops at once; both with the same cleanup and report.
     ///
     /// The signals are watched by the loop itself, through a self-pipe, not
     /// by a thread: a second thread in the process would make every socket

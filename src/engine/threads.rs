@@ -737,6 +737,8 @@ pub struct ThreadedServer {
     limits: Vec<Limits>,
     handle: Handle,
     wake: SelfPipe,
+    /// Set by [`ThreadedServer::stop_on_signals`]; dropped when `run` ends.
+    signals: Option<super::signals::ThreadWatch>,
     stats: Option<Arc<Shared>>,
     admission: Option<Admission>,
     wakeups: Arc<AtomicU64>,
@@ -802,6 +804,7 @@ impl ThreadedServer {
             limits: Vec::new(),
             handle: Handle::new(wake.waker()),
             wake,
+            signals: None,
             stats: None,
             admission: None,
             wakeups: Arc::new(AtomicU64::new(0)),
@@ -880,6 +883,18 @@ impl ThreadedServer {
     /// A handle that stops this server from another thread.
     pub fn handle(&self) -> Handle {
         self.handle.clone()
+    }
+
+    /// Makes SIGINT, SIGTERM, SIGHUP and SIGQUIT stop this server, as
+    /// [`Server::stop_on_signals`](super::Server::stop_on_signals) does,
+    /// through a thread that waits for them. Once `run` returns (or the
+    /// server is dropped) the thread ends and the signals get their default
+    /// actions back.
+    pub fn stop_on_signals(&mut self) -> io::Result<()> {
+        if self.signals.is_none() {
+            self.signals = Some(super::signals::ThreadWatch::new(self.handle())?);
+        }
+        Ok(())
     }
 
     /// Counters so far (zero before `run`).
@@ -1032,6 +1047,8 @@ impl ThreadedServer {
             shared.timer_wake.notify_all();
         }
         let _ = timer_thread.join();
+        // Done: stop watching signals, so they act as they do by default.
+        self.signals = None;
         Ok(report)
     }
 
