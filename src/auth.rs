@@ -45,9 +45,39 @@
 //!
 //! Before authentication a client can make the server hold at most the
 //! 72-byte response ([`PRE_AUTH_LIMIT`]); it has [`AUTH_TIMEOUT`] to send
-//! it. After [`THROTTLE_AFTER`] failures from one IP address, that address
-//! may try at most [`THROTTLE_RATE`] times a second; refused attempts get
-//! the failure line at once, without a challenge.
+//! it (from the moment the challenge goes out). A client that sends
+//! anything before its challenge has failed.
+//!
+//! # Throttling guesses
+//!
+//! An [`AuthThrottle`] slows key guessing per source IP address (Unix
+//! peers have none and are not throttled). Its policy, [`ThrottlePolicy`],
+//! in short, with the defaults:
+//!
+//! - An attempt is counted when it *starts* (when the connection
+//!   arrives), not when it fails, so parallel attempts are counted as
+//!   surely as sequential ones; an attempt that succeeds is refunded.
+//! - The first [`free`](ThrottlePolicy::free) (3) counted attempts of an
+//!   address go at once. After that, consecutive attempts from the address
+//!   are spaced out: the challenge of the next one is held back by
+//!   [`base`](ThrottlePolicy::base) (100 ms), doubling with each counted
+//!   attempt up to [`cap`](ThrottlePolicy::cap) (5 s). Ten failures in, an
+//!   address gets one guess every 5 s: 720 an hour, however many
+//!   connections it opens.
+//! - Nobody is locked out. A client with the right key behind the same
+//!   address (a NAT, a shared proxy) is not refused: it gets the next free
+//!   turn of its address, like everyone there, and gets in, only later. An
+//!   attempt whose turn would be more than
+//!   [`max_wait`](ThrottlePolicy::max_wait) (30 s) away is refused at once
+//!   with the failure line instead of being held (counted as
+//!   [`throttled`](AuthCounters::throttled)); it may try again.
+//! - An address is forgotten [`forget`](ThrottlePolicy::forget) (10 min)
+//!   after its last attempt.
+//!
+//! Every [`Authenticated`] service has a throttle of its own; give the
+//! services of one server the same one ([`Authenticated::throttle`]), as
+//! `muxserve serve` does, so an address guessing on several listeners is
+//! counted once.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -55,7 +85,7 @@ use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -83,15 +113,12 @@ pub const PRE_AUTH_LIMIT: usize = RESPONSE_LEN;
 pub const FAILED: &[u8] = b"error: authentication failed\r\n";
 /// How long a client has to answer the challenge. Default 5 s.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Failures from one address before it is throttled.
-pub const THROTTLE_AFTER: u32 = 5;
-/// Attempts a second a throttled address may make.
-pub const THROTTLE_RATE: f64 = 2.0;
-/// Addresses remembered for throttling; past this, the quietest are
-/// forgotten, so a flood of addresses cannot grow the table without bound.
+/// Addresses remembered for throttling. When the table is full, addresses
+/// not seen within [`ThrottlePolicy::forget`] are dropped (at most once a
+/// second); if it is still full, new addresses go untracked, so a flood of
+/// addresses can neither grow the table without bound nor wash out the
+/// addresses already being slowed.
 const THROTTLE_TABLE: usize = 10_000;
-/// A throttled address is forgiven after this long without failures.
-const THROTTLE_FORGET: Duration = Duration::from_secs(600);
 
 const CLIENT_LABEL: &[u8] = b"client->server";
 const SERVER_LABEL: &[u8] = b"server->client";
@@ -170,7 +197,9 @@ pub struct AuthCounters {
     pub failed: AtomicU64,
     /// Clients that did not answer in time.
     pub timed_out: AtomicU64,
-    /// Attempts refused by per-address throttling.
+    /// Attempts whose challenge was held back by the throttle.
+    pub delayed: AtomicU64,
+    /// Attempts refused by the throttle (their turn was too far away).
     pub throttled: AtomicU64,
 }
 
@@ -184,21 +213,189 @@ impl fmt::Display for AuthCounters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "auth succeeded={} failed={} timed_out={} throttled={}",
+            "auth succeeded={} failed={} timed_out={} delayed={} throttled={}",
             self.succeeded.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
             self.timed_out.load(Ordering::Relaxed),
+            self.delayed.load(Ordering::Relaxed),
             self.throttled.load(Ordering::Relaxed)
         )
     }
 }
 
-/// Failures and a token bucket for one address.
+/// How an [`AuthThrottle`] spaces out attempts from one address (see the
+/// module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThrottlePolicy {
+    /// Counted attempts an address may make at once. Default 3.
+    pub free: u32,
+    /// The spacing after the free attempts, doubled with each further
+    /// counted attempt. Default 100 ms.
+    pub base: Duration,
+    /// The largest spacing. Default 5 s.
+    pub cap: Duration,
+    /// The longest an attempt is held for its turn; later turns are
+    /// refused at once. Default 30 s.
+    pub max_wait: Duration,
+    /// An address is forgotten this long after its last attempt.
+    /// Default 10 minutes.
+    pub forget: Duration,
+}
+
+impl Default for ThrottlePolicy {
+    fn default() -> ThrottlePolicy {
+        ThrottlePolicy {
+            free: 3,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+            max_wait: Duration::from_secs(30),
+            forget: Duration::from_secs(600),
+        }
+    }
+}
+
+impl ThrottlePolicy {
+    /// The spacing after an address's `counted`-th attempt.
+    fn spacing(&self, counted: u32) -> Duration {
+        match counted.checked_sub(self.free) {
+            None => Duration::ZERO,
+            // 2^31 times anything exceeds any sensible cap.
+            Some(doublings) => self
+                .base
+                .saturating_mul(1 << doublings.min(31))
+                .min(self.cap),
+        }
+    }
+}
+
+/// What the throttle knows of one address.
 #[derive(Debug)]
-struct Throttle {
-    failures: u32,
-    tokens: f64,
+struct Attempts {
+    /// Attempts started and not refunded by a success.
+    counted: u32,
+    /// When the address's next attempt may get its challenge.
+    next: Instant,
+    /// When its last attempt started.
     last: Instant,
+}
+
+/// Slows key guessing per source address, shared by every listener of a
+/// server that gets it (see the module docs for the policy).
+#[derive(Debug)]
+pub struct AuthThrottle {
+    policy: ThrottlePolicy,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug)]
+struct Table {
+    addresses: HashMap<IpAddr, Attempts>,
+    swept: Option<Instant>,
+}
+
+/// What the throttle says to an attempt that starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Turn {
+    /// Challenge it after this long (zero: at once).
+    After(Duration),
+    /// Refuse it: its turn is too far away.
+    Refused,
+}
+
+impl AuthThrottle {
+    /// A throttle with `policy`, to share between services.
+    pub fn new(policy: ThrottlePolicy) -> Arc<AuthThrottle> {
+        Arc::new(AuthThrottle {
+            policy,
+            table: Mutex::new(Table {
+                addresses: HashMap::new(),
+                swept: None,
+            }),
+        })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> ThrottlePolicy {
+        self.policy
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts an attempt from `ip` starting at `now`, and gives it its turn.
+    fn start(&self, ip: IpAddr, now: Instant) -> Turn {
+        let policy = self.policy;
+        let mut table = self.table();
+        if table.addresses.len() >= THROTTLE_TABLE && !table.addresses.contains_key(&ip) {
+            let due = table
+                .swept
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+            if due {
+                table.swept = Some(now);
+                table
+                    .addresses
+                    .retain(|_, a| now.duration_since(a.last) < policy.forget);
+            }
+            if table.addresses.len() >= THROTTLE_TABLE {
+                return Turn::After(Duration::ZERO);
+            }
+        }
+        let a = table.addresses.entry(ip).or_insert(Attempts {
+            counted: 0,
+            next: now,
+            last: now,
+        });
+        if now.duration_since(a.last) >= policy.forget {
+            a.counted = 0;
+            a.next = now;
+        }
+        let at = a.next.max(now);
+        let wait = at - now;
+        if wait > policy.max_wait {
+            return Turn::Refused;
+        }
+        a.counted = a.counted.saturating_add(1);
+        a.next = at + policy.spacing(a.counted);
+        a.last = now;
+        Turn::After(wait)
+    }
+
+    /// Refunds the attempt of `ip` that just succeeded.
+    fn succeeded(&self, ip: IpAddr) {
+        if let Some(a) = self.table().addresses.get_mut(&ip) {
+            a.counted = a.counted.saturating_sub(1);
+        }
+    }
+}
+
+/// What every authenticated listener of one server shares: the key and
+/// one throttle, so an address is counted once however many listeners it
+/// tries.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    key: Key,
+    throttle: Arc<AuthThrottle>,
+}
+
+impl Guard {
+    /// A guard with `key` and the default [`ThrottlePolicy`].
+    pub fn new(key: Key) -> Guard {
+        Guard::with_policy(key, ThrottlePolicy::default())
+    }
+
+    /// A guard with `key` and its own throttling policy.
+    pub fn with_policy(key: Key, policy: ThrottlePolicy) -> Guard {
+        Guard {
+            key,
+            throttle: AuthThrottle::new(policy),
+        }
+    }
+
+    /// `service` behind the handshake, counted by this guard's throttle.
+    pub fn wrap<S>(&self, service: S) -> Authenticated<S> {
+        Authenticated::new(service, self.key.clone()).throttle(Arc::clone(&self.throttle))
+    }
 }
 
 /// Any [`Service`], behind the handshake described in the module docs.
@@ -206,7 +403,7 @@ pub struct Authenticated<S> {
     inner: S,
     key: Key,
     timeout: Duration,
-    throttle: HashMap<IpAddr, Throttle>,
+    throttle: Arc<AuthThrottle>,
     counters: Arc<AuthCounters>,
 }
 
@@ -226,7 +423,7 @@ impl<S> Authenticated<S> {
             inner,
             key,
             timeout: AUTH_TIMEOUT,
-            throttle: HashMap::new(),
+            throttle: AuthThrottle::new(ThrottlePolicy::default()),
             counters: Arc::default(),
         }
     }
@@ -242,57 +439,35 @@ impl<S> Authenticated<S> {
         Arc::clone(&self.counters)
     }
 
-    /// Whether `ip` may try now (spending a token if it is throttled).
-    fn may_try(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let Some(t) = self.throttle.get_mut(&ip) else {
-            return true;
-        };
-        if t.failures < THROTTLE_AFTER {
-            return true;
-        }
-        let refill = now.duration_since(t.last).as_secs_f64() * THROTTLE_RATE;
-        t.tokens = (t.tokens + refill).min(THROTTLE_RATE);
-        t.last = now;
-        if t.tokens >= 1.0 {
-            t.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Counts attempts with `throttle` (shared with other services, or
+    /// with its own policy) instead of a throttle of its own.
+    pub fn throttle(mut self, throttle: Arc<AuthThrottle>) -> Authenticated<S> {
+        self.throttle = throttle;
+        self
     }
 
-    fn record(&mut self, ip: Option<IpAddr>, ok: bool, now: Instant) {
-        let Some(ip) = ip else {
-            return;
-        };
-        if ok {
-            self.throttle.remove(&ip);
-            return;
-        }
-        if self.throttle.len() >= THROTTLE_TABLE && !self.throttle.contains_key(&ip) {
-            self.throttle.retain(|_, t| {
-                t.failures >= THROTTLE_AFTER && now.duration_since(t.last) < THROTTLE_FORGET
-            });
-            if self.throttle.len() >= THROTTLE_TABLE {
-                self.throttle.clear();
+    /// Sends the challenge and starts the answer deadline.
+    fn challenge(&self, cx: &mut Context<'_>) -> AuthSession<S::Session>
+    where
+        S: Service,
+    {
+        let nonce = match nonce() {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("no random nonce: {e}");
+                cx.write(FAILED);
+                cx.close();
+                return AuthSession::Failed;
             }
-        }
-        let t = self.throttle.entry(ip).or_insert(Throttle {
-            failures: 0,
-            tokens: 0.0,
-            last: now,
-        });
-        if now.duration_since(t.last) >= THROTTLE_FORGET {
-            t.failures = 0;
-        }
-        t.failures += 1;
-        t.last = now;
+        };
+        cx.write(TAG);
+        cx.write(&nonce);
+        let timer = cx.set_timer(self.timeout);
+        AuthSession::Pending { nonce, timer }
     }
 
+    /// The attempt failed (it was counted when it started).
     fn fail(&mut self, cx: &mut Context<'_>, session: &mut AuthSession<impl Sized>) {
-        let now = cx.now();
-        let ip = peer_ip(cx.peer());
-        self.record(ip, false, now);
         cx.protocol_error();
         cx.write(FAILED);
         cx.close();
@@ -307,9 +482,15 @@ fn peer_ip(peer: Option<&PeerAddr>) -> Option<IpAddr> {
     }
 }
 
-/// Per-connection state: waiting for the answer, then the inner session.
+/// Per-connection state: waiting for a turn, then for the answer, then the
+/// inner session.
 #[derive(Debug)]
 pub enum AuthSession<T> {
+    /// Held back by the throttle; the challenge goes out when this fires.
+    Waiting {
+        /// The end of the wait.
+        timer: TimerId,
+    },
     /// The challenge is out.
     Pending {
         /// The nonce sent.
@@ -327,28 +508,25 @@ impl<S: Service> Service for Authenticated<S> {
     type Session = AuthSession<S::Session>;
 
     fn on_connect(&mut self, cx: &mut Context<'_>) -> Self::Session {
-        let now = cx.now();
-        if let Some(ip) = peer_ip(cx.peer()) {
-            if !self.may_try(ip, now) {
+        let turn = match peer_ip(cx.peer()) {
+            Some(ip) => self.throttle.start(ip, cx.now()),
+            None => Turn::After(Duration::ZERO),
+        };
+        match turn {
+            Turn::After(Duration::ZERO) => self.challenge(cx),
+            Turn::After(wait) => {
+                AuthCounters::bump(&self.counters.delayed);
+                AuthSession::Waiting {
+                    timer: cx.set_timer(wait),
+                }
+            }
+            Turn::Refused => {
                 AuthCounters::bump(&self.counters.throttled);
                 cx.write(FAILED);
                 cx.close();
-                return AuthSession::Failed;
+                AuthSession::Failed
             }
         }
-        let nonce = match nonce() {
-            Ok(n) => n,
-            Err(e) => {
-                log::error!("no random nonce: {e}");
-                cx.write(FAILED);
-                cx.close();
-                return AuthSession::Failed;
-            }
-        };
-        cx.write(TAG);
-        cx.write(&nonce);
-        let timer = cx.set_timer(self.timeout);
-        AuthSession::Pending { nonce, timer }
     }
 
     fn on_data(
@@ -361,6 +539,14 @@ impl<S: Service> Service for Authenticated<S> {
             AuthSession::Ready(inner) => self.inner.on_data(cx, inner, input),
             AuthSession::Failed => {
                 input.take();
+            }
+            // Talking before the challenge: no answer can be right.
+            AuthSession::Waiting { timer } => {
+                let timer = *timer;
+                cx.cancel_timer(timer);
+                AuthCounters::bump(&self.counters.failed);
+                input.take();
+                self.fail(cx, session);
             }
             // Not all of the answer yet: wait (it is at most 72 bytes).
             AuthSession::Pending { .. } if input.len() < RESPONSE_LEN => {}
@@ -385,7 +571,9 @@ impl<S: Service> Service for Authenticated<S> {
                     return;
                 }
                 AuthCounters::bump(&self.counters.succeeded);
-                self.record(peer_ip(cx.peer()), true, cx.now());
+                if let Some(ip) = peer_ip(cx.peer()) {
+                    self.throttle.succeeded(ip);
+                }
                 let proof = self
                     .key
                     .mac(client_nonce, &nonce, SERVER_LABEL)
@@ -412,6 +600,7 @@ impl<S: Service> Service for Authenticated<S> {
     fn on_timer(&mut self, cx: &mut Context<'_>, session: &mut Self::Session, timer: TimerId) {
         match session {
             AuthSession::Ready(inner) => self.inner.on_timer(cx, inner, timer),
+            AuthSession::Waiting { timer: t } if *t == timer => *session = self.challenge(cx),
             AuthSession::Pending { timer: t, .. } if *t == timer => {
                 AuthCounters::bump(&self.counters.timed_out);
                 self.fail(cx, session);
@@ -547,6 +736,73 @@ mod tests {
         h.send(c, &response);
         assert_eq!(h.take_output(c), FAILED);
         assert!(!h.is_open(c));
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[test]
+    fn the_throttle_spaces_attempts_doubling_to_the_cap_and_refunds_successes() {
+        let throttle = AuthThrottle::new(ThrottlePolicy::default());
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Ten attempts at the same instant: three at once, then spaced by
+        // 100, 200, 400, 800, 1600, 3200 ms and then the 5 s cap.
+        let turns: Vec<Turn> = (0..10).map(|_| throttle.start(ip(2), t0)).collect();
+        let expected = [0, 0, 0, 100, 300, 700, 1500, 3100, 6300, 11_300];
+        assert_eq!(
+            turns,
+            expected.map(|w| Turn::After(ms(w))).to_vec(),
+            "{turns:?}"
+        );
+        // Another address is untouched.
+        assert_eq!(throttle.start(ip(3), t0), Turn::After(Duration::ZERO));
+        // A success refunds its attempt: the next one is spaced as if the
+        // success had not been counted (doubling from where it was).
+        throttle.succeeded(ip(3));
+        for _ in 0..3 {
+            assert_eq!(throttle.start(ip(3), t0), Turn::After(Duration::ZERO));
+        }
+    }
+
+    #[test]
+    fn a_turn_beyond_the_longest_wait_is_refused_and_not_counted() {
+        let policy = ThrottlePolicy {
+            max_wait: Duration::from_secs(6),
+            ..ThrottlePolicy::default()
+        };
+        let throttle = AuthThrottle::new(policy);
+        let t0 = Instant::now();
+        let turns: Vec<Turn> = (0..8).map(|_| throttle.start(ip(2), t0)).collect();
+        assert_eq!(turns[7], Turn::After(Duration::from_millis(3100)));
+        // The next turn is at 6.3 s: refused, and it takes no turn.
+        assert_eq!(throttle.start(ip(2), t0), Turn::Refused);
+        assert_eq!(throttle.start(ip(2), t0), Turn::Refused);
+        // Later, the address gets its 6.3 s turn after all.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            throttle.start(ip(2), later),
+            Turn::After(Duration::from_millis(5300))
+        );
+    }
+
+    #[test]
+    fn an_address_is_forgotten_after_a_quiet_while() {
+        let throttle = AuthThrottle::new(ThrottlePolicy::default());
+        let t0 = Instant::now();
+        for _ in 0..6 {
+            throttle.start(ip(2), t0);
+        }
+        let much_later = t0 + ThrottlePolicy::default().forget;
+        assert_eq!(
+            throttle.start(ip(2), much_later),
+            Turn::After(Duration::ZERO)
+        );
+        assert_eq!(
+            throttle.start(ip(2), much_later),
+            Turn::After(Duration::ZERO)
+        );
     }
 
     #[test]

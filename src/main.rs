@@ -326,11 +326,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     let opts = muxserve::services::Options {
         zone: if args.utc { Zone::Utc } else { Zone::Local },
     };
+    // One guard for every binding: one throttle counts an address's
+    // attempts on all of them.
+    let guard = key.map(muxserve::auth::Guard::new);
     let started = match engine {
         Engine::Threads => ThreadedServer::new(config, ThreadConfig::default())
-            .map(|server| serve_on(server, &bindings, opts, key.as_ref(), engine)),
+            .map(|server| serve_on(server, &bindings, opts, guard.as_ref(), engine)),
         engine => Server::with_engine(engine, config)
-            .map(|server| serve_on(server, &bindings, opts, key.as_ref(), engine)),
+            .map(|server| serve_on(server, &bindings, opts, guard.as_ref(), engine)),
     };
     started.unwrap_or_else(|e| {
         eprintln!("muxserve: cannot start the {engine} engine: {e}");
@@ -352,14 +355,14 @@ fn serve_on<H: Host>(
     mut server: H,
     bindings: &[Binding],
     opts: muxserve::services::Options,
-    key: Option<&Key>,
+    guard: Option<&muxserve::auth::Guard>,
     engine: Engine,
 ) -> ExitCode {
     let mut lines = Vec::new();
     for b in bindings {
         match b
             .service
-            .bind_behind(&mut server, b.endpoint.clone(), opts, key)
+            .bind_behind(&mut server, b.endpoint.clone(), opts, guard)
         {
             Ok(bound) => lines.push(format!(
                 "  {:<8} {:<24} {:<22} {}",
@@ -376,7 +379,7 @@ fn serve_on<H: Host>(
             }
         }
     }
-    let behind = if key.is_some() {
+    let behind = if guard.is_some() {
         ", behind authentication"
     } else {
         ""

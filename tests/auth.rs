@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use muxserve::auth::{
-    self, client_handshake, AuthCounters, Key, CHALLENGE_LEN, FAILED, RESPONSE_LEN, TAG,
+    self, client_handshake, AuthCounters, Key, ThrottlePolicy, CHALLENGE_LEN, FAILED, RESPONSE_LEN,
+    TAG,
 };
 use muxserve::services::Echo;
 
@@ -23,7 +24,8 @@ fn key(byte: u8) -> Key {
 fn start_auth(engine: Engine, timeout: Duration) -> (TestServer, Arc<AuthCounters>) {
     let (tx, rx) = mpsc::channel();
     let server = start_host(engine, move |host| {
-        let (bound, counters) = host.bind_authenticated(Echo, key(1), timeout);
+        let (bound, counters) =
+            host.bind_authenticated(auth::Authenticated::new(Echo, key(1)).timeout(timeout));
         tx.send(counters).unwrap();
         vec![bound]
     });
@@ -133,8 +135,6 @@ impl Write for Recorder {
     }
 }
 
-on_every_engine!(every_failure_looks_the_same);
-
 #[test]
 fn a_client_that_never_answers_is_closed_in_time() {
     let timeout = Duration::from_secs(1);
@@ -182,37 +182,142 @@ fn a_megabyte_before_authenticating_is_refused_after_the_response_size() {
     );
 }
 
-#[test]
-fn repeated_failures_from_one_address_are_throttled_and_others_unaffected() {
-    let (server, counters) = start_auth(Engine::Mio, Duration::from_secs(5));
-    let addr = server.addr();
-    // 127.0.0.2 is another peer address on the same loopback.
-    for _ in 0..20 {
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket
-            .bind(
-                &"127.0.0.2:0"
-                    .parse::<std::net::SocketAddr>()
-                    .unwrap()
-                    .into(),
-            )
-            .unwrap();
-        socket.connect(&addr.into()).unwrap();
-        let mut c: TcpStream = socket.into();
-        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let _ = client_handshake(&mut c, &key(9)).unwrap_err();
-    }
-    let throttled = counters.throttled.load(Ordering::SeqCst);
-    assert!(
-        throttled >= 10,
-        "only {throttled} of 20 attempts throttled: {counters}"
-    );
-    // Meanwhile 127.0.0.1 gets in at once.
-    let mut good = connect(addr);
-    client_handshake(&mut good, &key(1)).unwrap();
-    echo_in_steps(&mut good, b"not throttled", 13);
+/// A throttle fast enough for tests: two attempts at once, then 50, 100,
+/// then 200 ms between attempts.
+fn quick_guard() -> auth::Guard {
+    auth::Guard::with_policy(
+        key(1),
+        ThrottlePolicy {
+            free: 2,
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(200),
+            max_wait: Duration::from_secs(10),
+            forget: Duration::from_secs(600),
+        },
+    )
 }
+
+/// Binds `listeners` authenticated echo listeners sharing `guard`.
+fn start_guarded(
+    engine: Engine,
+    guard: auth::Guard,
+    listeners: usize,
+) -> (TestServer, Vec<Arc<AuthCounters>>) {
+    let (tx, rx) = mpsc::channel();
+    let server = start_host(engine, move |host| {
+        let (bound, counters): (Vec<_>, Vec<_>) = (0..listeners)
+            .map(|_| host.bind_authenticated(guard.wrap(Echo)))
+            .unzip();
+        tx.send(counters).unwrap();
+        bound
+    });
+    (server, rx.recv().unwrap())
+}
+
+/// Eight guesses from one address, sent in parallel and spread over two
+/// listeners, are counted when they start and on one throttle: their
+/// challenges come out one turn after another (0, 0, 50, 150, 350, 550,
+/// 750, 950 ms), not all at once.
+fn parallel_guesses_across_listeners_are_spaced_out(engine: Engine) {
+    const GUESSES: usize = 8;
+    let (server, counters) = start_guarded(engine, quick_guard(), 2);
+    let addrs: Vec<_> = server
+        .endpoints
+        .iter()
+        .map(|e| e.socket_addr().unwrap())
+        .collect();
+    let start = Instant::now();
+    let guessers: Vec<_> = (0..GUESSES)
+        .map(|i| {
+            let mut c = connect_from("127.0.0.2", addrs[i % 2]);
+            std::thread::spawn(move || {
+                let _ = read_exact(&mut c, CHALLENGE_LEN);
+                let challenged = start.elapsed();
+                c.write_all(&[0x55; RESPONSE_LEN]).unwrap();
+                assert_eq!(read_to_end(&mut c), FAILED);
+                challenged
+            })
+        })
+        .collect();
+    let mut times: Vec<Duration> = guessers.into_iter().map(|g| g.join().unwrap()).collect();
+    times.sort();
+    assert!(
+        times[GUESSES - 1] >= Duration::from_millis(900),
+        "{engine}: challenges at {times:?}"
+    );
+    let at_once = times
+        .iter()
+        .filter(|t| **t < Duration::from_millis(45))
+        .count();
+    assert!(at_once <= 2, "{engine}: challenges at {times:?}");
+    let delayed: u64 = counters
+        .iter()
+        .map(|c| c.delayed.load(Ordering::SeqCst))
+        .sum();
+    // Exactly six, unless a slow machine connected some after their turn.
+    assert!(
+        (GUESSES as u64 - 4..=GUESSES as u64 - 2).contains(&delayed),
+        "{engine}: {delayed} delayed"
+    );
+}
+
+/// A client with the key behind an address that has been guessing (the
+/// same NAT) is slowed like its address, never locked out; another address
+/// is not slowed at all.
+fn the_right_key_behind_a_guessing_address_still_gets_in(engine: Engine) {
+    let (server, counters) = start_guarded(engine, quick_guard(), 1);
+    let (addr, counters) = (server.addr(), &counters[0]);
+    for _ in 0..10 {
+        let mut c = connect_from("127.0.0.2", addr);
+        let err = client_handshake(&mut c, &key(9)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    }
+    let mut neighbour = connect_from("127.0.0.2", addr);
+    client_handshake(&mut neighbour, &key(1)).unwrap();
+    echo_in_steps(&mut neighbour, b"in, only later", 14);
+
+    let delayed = counters.delayed.load(Ordering::SeqCst);
+    let mut other = connect_from("127.0.0.3", addr);
+    client_handshake(&mut other, &key(1)).unwrap();
+    echo_in_steps(&mut other, b"not slowed", 10);
+    assert_eq!(counters.delayed.load(Ordering::SeqCst), delayed, "{engine}");
+    assert_eq!(counters.throttled.load(Ordering::SeqCst), 0, "{engine}");
+    assert_eq!(counters.failed.load(Ordering::SeqCst), 10, "{engine}");
+}
+
+/// A guesser that talks before its challenge fails at once: the failure
+/// line comes without a challenge before it.
+fn talking_before_the_challenge_fails(engine: Engine) {
+    let slow = auth::Guard::with_policy(
+        key(1),
+        ThrottlePolicy {
+            free: 2,
+            base: Duration::from_secs(5),
+            ..ThrottlePolicy::default()
+        },
+    );
+    let (server, counters) = start_guarded(engine, slow, 1);
+    let addr = server.addr();
+    // Two free attempts used up, so the third is held back for 5 s...
+    for _ in 0..2 {
+        let mut c = connect_from("127.0.0.2", addr);
+        let _ = client_handshake(&mut c, &key(9));
+    }
+    let mut eager = connect_from("127.0.0.2", addr);
+    // ...and answers before it was asked.
+    let asked = Instant::now();
+    eager.write_all(&[0x55; RESPONSE_LEN]).unwrap();
+    assert_eq!(read_to_end(&mut eager), FAILED, "{engine}");
+    assert!(asked.elapsed() < Duration::from_secs(4), "{engine}");
+    assert_eq!(counters[0].failed.load(Ordering::SeqCst), 3, "{engine}");
+}
+
+on_every_engine!(
+    every_failure_looks_the_same,
+    parallel_guesses_across_listeners_are_spaced_out,
+    the_right_key_behind_a_guessing_address_still_gets_in,
+    talking_before_the_challenge_fails,
+);
 
 #[test]
 fn a_million_nonces_are_all_distinct() {

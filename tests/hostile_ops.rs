@@ -46,7 +46,9 @@ fn durations_of_duration_max_never_panic(engine: Engine) {
             .bind_builtin(Builtin::Chat, LOOPBACK.parse().unwrap(), Options::default())
             .unwrap();
         // Authentication arms a timer of its timeout on every connection.
-        let (auth, _) = host.bind_authenticated(Echo, key(), Duration::MAX);
+        let (auth, _) = host.bind_authenticated(
+            muxserve::auth::Authenticated::new(Echo, key()).timeout(Duration::MAX),
+        );
         vec![echo, chat, auth]
     });
     let (echo, chat, auth) = (

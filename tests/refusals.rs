@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,22 +28,6 @@ fn echo_server(engine: Engine, config: Config) -> TestServer {
             .bind_builtin(Builtin::Echo, LOOPBACK.parse().unwrap(), Options::default())
             .unwrap()]
     })
-}
-
-/// Connects from `source` (an address on the loopback network).
-fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let from: SocketAddr = format!("{source}:0").parse().unwrap();
-    socket.bind(&from.into()).unwrap();
-    socket.connect(&to.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
 }
 
 /// A client that is served: it echoes one message.

@@ -20,7 +20,7 @@ use std::fmt;
 use std::io;
 use std::str::FromStr;
 
-use crate::auth::{Authenticated, Key};
+use crate::auth::Guard;
 use crate::codec::{Delimited, MAX_LINE};
 use crate::engine::Host;
 use crate::net::Endpoint;
@@ -103,14 +103,15 @@ impl Builtin {
     }
 
     /// Like [`bind`](Builtin::bind); with a key, the service is put behind
-    /// [`Authenticated`] (stream endpoints only: a datagram has no
-    /// connection to authenticate).
+    /// [`Authenticated`](crate::auth::Authenticated) (stream endpoints
+    /// only: a datagram has no connection to authenticate). Give every
+    /// binding of a server the same guard, so one throttle counts them all.
     pub fn bind_behind<H: Host>(
         self,
         server: &mut H,
         endpoint: Endpoint,
         opts: Options,
-        auth: Option<&Key>,
+        auth: Option<&Guard>,
     ) -> io::Result<Endpoint> {
         // A stream endpoint gets the stream version, a datagram endpoint the
         // datagram version.
@@ -160,7 +161,7 @@ impl Builtin {
 /// Binds a stream service, behind authentication when a key is given.
 fn stream<H, S>(
     server: &mut H,
-    (endpoint, auth): (Endpoint, Option<&Key>),
+    (endpoint, auth): (Endpoint, Option<&Guard>),
     service: S,
 ) -> io::Result<Endpoint>
 where
@@ -170,7 +171,7 @@ where
 {
     let limits = server.config().limits.clone();
     match auth {
-        Some(key) => server.bind_stream(endpoint, Authenticated::new(service, key.clone()), limits),
+        Some(guard) => server.bind_stream(endpoint, guard.wrap(service), limits),
         None => server.bind_stream(endpoint, service, limits),
     }
 }

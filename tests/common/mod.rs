@@ -133,6 +133,22 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// Connects from `source` (an address on the loopback network).
+pub fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
 /// Reads until EOF (bounded by the socket's read timeout).
 pub fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
@@ -322,12 +338,10 @@ pub trait HostBind {
         opts: muxserve::services::Options,
     ) -> io::Result<Endpoint>;
 
-    /// Binds `Authenticated<service>` and returns its counters too.
+    /// Binds authenticated echo on loopback and returns its counters too.
     fn bind_authenticated(
         &mut self,
-        service: muxserve::services::Echo,
-        key: muxserve::auth::Key,
-        timeout: Duration,
+        auth: muxserve::auth::Authenticated<muxserve::services::Echo>,
     ) -> (Endpoint, std::sync::Arc<muxserve::auth::AuthCounters>);
 
     /// Serves UDP on loopback with a datagram service that replies
@@ -364,11 +378,8 @@ impl<H: muxserve::Host> HostBind for H {
 
     fn bind_authenticated(
         &mut self,
-        service: muxserve::services::Echo,
-        key: muxserve::auth::Key,
-        timeout: Duration,
+        auth: muxserve::auth::Authenticated<muxserve::services::Echo>,
     ) -> (Endpoint, std::sync::Arc<muxserve::auth::AuthCounters>) {
-        let auth = muxserve::auth::Authenticated::new(service, key).timeout(timeout);
         let counters = auth.counters();
         let limits = self.config().limits.clone();
         let bound = self
