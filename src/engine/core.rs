@@ -685,6 +685,41 @@ impl Core {
         }
     }
 
+    /// Watches `stream` for reading and gives it a slot, as a connection of
+    /// service `service` with `flags`. If the poller will not take it, the
+    /// stream comes back with the error.
+    pub fn insert(
+        &mut self,
+        poller: &mut dyn Poller,
+        stream: Stream,
+        service: usize,
+        peer: PeerAddr,
+        flags: u16,
+    ) -> Result<ConnId, (Stream, PeerAddr, io::Error)> {
+        let gen = self.next_gen();
+        let tick = self.tick();
+        let entry = self.conns.vacant_entry();
+        let id = ConnId::new(entry.key(), gen);
+        if let Err(e) = poller.register(stream.fd(), token(id), Interest::Read) {
+            return Err((stream, peer, e));
+        }
+        entry.insert(Conn {
+            stream,
+            gen,
+            service: service as u32,
+            session: 0,
+            flags,
+            reason: CloseReason::Closed,
+            held: None,
+            peer,
+            last_read: tick,
+            last_write: tick,
+            idle_ms: 0,
+            lingered: 0,
+        });
+        Ok(id)
+    }
+
     /// Removes a connection for good.
     pub fn remove(&mut self, id: ConnId, poller: &mut dyn Poller) {
         if lookup(&mut self.conns, id).is_none() {

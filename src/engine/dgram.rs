@@ -30,7 +30,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::contain;
+use super::{contain, LogEvery};
 use crate::config::{ReplyBudget, MAX_DATAGRAM, REFLECTOR_PORTS};
 use crate::net::{DgramSocket, Endpoint};
 use crate::service::{DatagramContext, DatagramDriver, DatagramService, PeerAddr};
@@ -88,7 +88,7 @@ pub(crate) struct Guard {
     /// bound to.
     own: Vec<SocketAddr>,
     total: Option<(ReplyBudget, Bucket)>,
-    last_warning: Option<Instant>,
+    warned: LogEvery,
 }
 
 impl Guard {
@@ -101,7 +101,7 @@ impl Guard {
         Guard {
             own: Vec::new(),
             total: (total > 0).then(|| (budget, Bucket::full(budget, Instant::now()))),
-            last_warning: None,
+            warned: LogEvery::default(),
         }
     }
 
@@ -127,11 +127,7 @@ impl Guard {
     }
 
     fn warn(&mut self, now: Instant, to: &PeerAddr, why: &str) {
-        if self
-            .last_warning
-            .is_none_or(|t| now.saturating_duration_since(t) >= WARN_EVERY)
-        {
-            self.last_warning = Some(now);
+        if self.warned.due(now, WARN_EVERY) {
             log::warn!(
                 "not answering {to}: {why} (a reflection loop or a flood?); \
                  counted in reply_budget_drops, logged once per {WARN_EVERY:?}"

@@ -62,6 +62,31 @@
 /// turns and no trace.
 pub const TRACE_TARGET: &str = "muxserve::trace";
 
+/// Accept errors (and connections the poller would not take) are logged at
+/// most once per this period, on every engine: under EMFILE they repeat on
+/// every retry, and a flood of them must not become a flood of log lines.
+pub(crate) const ACCEPT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A warning that repeats under attack or overload, let through at most
+/// once per period.
+#[derive(Debug, Default)]
+pub(crate) struct LogEvery {
+    last: Option<std::time::Instant>,
+}
+
+impl LogEvery {
+    /// Whether to log now, at most once per `every`.
+    pub(crate) fn due(&mut self, now: std::time::Instant, every: std::time::Duration) -> bool {
+        let due = self
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= every);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
 /// One line of the loop trace, if `$on` (the loop's `Core::tracing`, read
 /// from the logger once a turn, so that a trace point on the hot path
 /// costs a test of one byte when the trace is off).

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use super::admit::{Refusal, REFUSED_LINGERING};
 use super::core::{
-    conn_id, token, Conn, Core, TimerKind, ABORT, BACKPRESSURED, CLOSE_DEADLINE, CLOSING,
-    CONNECTED, EOF, LINGER, PAUSED, READY, REDELIVER, REFUSED, STALL_ARMED, WRITE_AGAIN,
+    conn_id, Core, TimerKind, ABORT, BACKPRESSURED, CLOSE_DEADLINE, CLOSING, CONNECTED, EOF,
+    LINGER, PAUSED, READY, REDELIVER, REFUSED, STALL_ARMED, WRITE_AGAIN,
 };
 use super::dgram;
 use super::mio::MioPoller;
@@ -24,8 +24,8 @@ use super::select::FacadePoller;
 use super::signals::SignalPipe;
 use super::Engine;
 use super::{
-    contain, panic_message, Admission, Event, Handler, Hosted, Interest, Poller, Waker, DGRAM_BIT,
-    LISTENER_BIT, SIGNAL_TOKEN, WAKE_TOKEN,
+    contain, panic_message, Admission, Event, Handler, Hosted, Interest, LogEvery, Poller, Waker,
+    ACCEPT_LOG_EVERY, DGRAM_BIT, LISTENER_BIT, SIGNAL_TOKEN, WAKE_TOKEN,
 };
 use crate::buffer::Input;
 use crate::config::{
@@ -39,10 +39,6 @@ use crate::stats::Stats;
 /// After descriptors or memory ran out, accepting is retried after this
 /// long, or as soon as a connection closes, whichever comes first.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// Accept errors are logged at most this often, so a flood of them cannot
-/// become a flood of log lines.
-const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 // Values of `Shared::request`.
 const RUNNING: u8 = 0;
@@ -198,8 +194,8 @@ pub struct Server {
     state: State,
     report: Report,
     accept_retry_armed: bool,
-    last_accept_log: Option<Instant>,
-    last_register_log: Option<Instant>,
+    accept_log: LogEvery,
+    register_log: LogEvery,
     admission: Option<Admission>,
     /// Set by [`Server::stop_on_signals`].
     signals: Option<SignalPipe>,
@@ -277,8 +273,8 @@ impl Server {
             state: State::Running,
             report: Report::default(),
             accept_retry_armed: false,
-            last_accept_log: None,
-            last_register_log: None,
+            accept_log: LogEvery::default(),
+            register_log: LogEvery::default(),
             admission: None,
             signals: None,
         }
@@ -669,12 +665,7 @@ impl Server {
             return true;
         }
         self.core.stats.accept_errors += 1;
-        let now = Instant::now();
-        if self
-            .last_accept_log
-            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
-        {
-            self.last_accept_log = Some(now);
+        if self.accept_log.due(Instant::now(), ACCEPT_LOG_EVERY) {
             log::warn!("accept on {}: {e}", self.services[s].endpoint);
         }
         match e.raw_os_error() {
@@ -734,32 +725,21 @@ impl Server {
         {
             return self.refuse(s, stream, peer, why);
         }
-        let gen = core.next_gen();
-        let tick = core.tick();
-        let entry = core.conns.vacant_entry();
-        let id = ConnId::new(entry.key(), gen);
-        if let Err(e) = self.poller.register(stream.fd(), token(id), Interest::Read) {
-            // The select engine past FD_SETSIZE, or the kernel out of
-            // memory: as good as full.
-            core.sources.release(&peer);
-            self.register_failed(&peer, &e);
-            return self.refuse(s, stream, peer, Refusal::Full);
-        }
-        trace!(core.tracing, "    accepted {id} from {peer}");
-        entry.insert(Conn {
-            stream,
-            gen,
-            service: s as u32,
-            session: 0,
-            flags: 0,
-            reason: CloseReason::Closed,
-            held: None,
-            peer,
-            last_read: tick,
-            last_write: tick,
-            idle_ms: 0,
-            lingered: 0,
-        });
+        let id = match core.insert(&mut *self.poller, stream, s, peer, 0) {
+            Ok(id) => id,
+            Err((stream, peer, e)) => {
+                // The select engine past FD_SETSIZE, or the kernel out of
+                // memory: as good as full.
+                core.sources.release(&peer);
+                self.register_failed(&peer, &e);
+                return self.refuse(s, stream, peer, Refusal::Full);
+            }
+        };
+        trace!(
+            core.tracing,
+            "    accepted {id} from {}",
+            core.conns[id.index()].peer
+        );
         let idle = core.limits[s].idle_timeout;
         core.set_idle(id, idle);
         core.stats.accepted += 1;
@@ -801,31 +781,9 @@ impl Server {
             core.stats.linger_discarded += n as u64;
             return;
         }
-        let gen = core.next_gen();
-        let tick = core.tick();
-        let entry = core.conns.vacant_entry();
-        let id = ConnId::new(entry.key(), gen);
-        if self
-            .poller
-            .register(stream.fd(), token(id), Interest::Read)
-            .is_err()
-        {
+        let Ok(id) = core.insert(&mut *self.poller, stream, s, peer, LINGER | REFUSED) else {
             return;
-        }
-        entry.insert(Conn {
-            stream,
-            gen,
-            service: s as u32,
-            session: 0,
-            flags: LINGER | REFUSED,
-            reason: CloseReason::Closed,
-            held: None,
-            peer,
-            last_read: tick,
-            last_write: tick,
-            idle_ms: 0,
-            lingered: 0,
-        });
+        };
         core.refused += 1;
         let at = crate::timer::deadline(core.now, self.config.linger);
         core.timers.insert(at, None, TimerKind::Linger { conn: id });
@@ -837,12 +795,7 @@ impl Server {
     /// [`ACCEPT_LOG_EVERY`]: the select engine fails every one past
     /// FD_SETSIZE, and a warning per client would flood the log.
     fn register_failed(&mut self, peer: &PeerAddr, e: &io::Error) {
-        let now = Instant::now();
-        if self
-            .last_register_log
-            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
-        {
-            self.last_register_log = Some(now);
+        if self.register_log.due(Instant::now(), ACCEPT_LOG_EVERY) {
             log::warn!("cannot watch a connection from {peer}, refused it: {e}");
         }
     }

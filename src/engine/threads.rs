@@ -59,7 +59,9 @@ use socket2::SockRef;
 use super::admit::{Refusal, Sources, REFUSED_LINGERING};
 use super::select::SelfPipe;
 use super::server::{SHUTDOWN, STOP};
-use super::{contain, dgram, Admission, Handle, Handler, Hosted, Report, Waker};
+use super::{
+    contain, dgram, Admission, Handle, Handler, Hosted, LogEvery, Report, Waker, ACCEPT_LOG_EVERY,
+};
 use crate::buffer::{Input, OutBuf};
 use crate::config::{Config, Limits, PanicPolicy, MAX_DATAGRAM};
 use crate::net::{self, DgramSocket, Endpoint, StdListener, ToEndpoint, SEND_FLAGS};
@@ -98,10 +100,6 @@ impl Default for ThreadConfig {
 /// acceptor stops accepting for this long, or until a connection closes
 /// (the loop engines' `ACCEPT_RETRY`). Queued clients wait in the backlog.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// Accept failures are logged at most once per this period: under EMFILE
-/// they repeat every retry.
-const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// A deadline `after` from `now`, saturating far in the future instead of
 /// overflowing (a limit of `Duration::MAX` means "never").
@@ -786,7 +784,7 @@ struct Acceptor {
     max_conns: usize,
     /// Accepting paused until then (out of descriptors, memory, threads).
     paused_until: Option<Instant>,
-    last_log: Option<Instant>,
+    log: LogEvery,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -951,7 +949,7 @@ impl ThreadedServer {
         let mut acceptor = Acceptor {
             max_conns: self.max_connections(),
             paused_until: None,
-            last_log: None,
+            log: LogEvery::default(),
             workers: Vec::new(),
         };
         log::info!("threads engine: at most {} connections", acceptor.max_conns);
@@ -1125,11 +1123,7 @@ impl ThreadedServer {
             return true;
         }
         let now = Instant::now();
-        if acceptor
-            .last_log
-            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
-        {
-            acceptor.last_log = Some(now);
+        if acceptor.log.due(now, ACCEPT_LOG_EVERY) {
             log::warn!("accept on {endpoint}: {e}");
         }
         let mut stats = lock(&shared.stats);
