@@ -22,14 +22,6 @@ const PER_SOURCE: &[u8] = b"error: too many connections from your address\r\n";
 /// all and still be read out.
 const TALK: usize = 128 * 1024;
 
-fn echo_server(engine: Engine, config: Config) -> TestServer {
-    start_host_with(engine, config, |host| {
-        vec![host
-            .bind_builtin(Builtin::Echo, LOOPBACK.parse().unwrap(), Options::default())
-            .unwrap()]
-    })
-}
-
 /// A client that is served: it echoes one message.
 fn served(stream: &mut TcpStream) {
     echo_in_steps(stream, b"hello\n", 6);
@@ -51,7 +43,7 @@ fn talks_first_then_reads(mut c: TcpStream, notice: &[u8]) {
 fn a_client_refused_at_the_cap_that_talked_first_reads_the_notice(engine: Engine) {
     let mut config = Config::default();
     config.max_connections = 1;
-    let server = echo_server(engine, config);
+    let server = start_builtin_with(engine, config, Builtin::Echo);
     let mut first = connect(server.addr());
     served(&mut first);
     for _ in 0..3 {
@@ -104,7 +96,7 @@ fn a_client_refused_by_the_admission_hook_gets_a_fin_not_a_reset(engine: Engine)
 fn one_address_holds_at_most_max_per_source_and_others_still_get_in(engine: Engine) {
     let mut config = Config::default();
     config.max_per_source = 2;
-    let server = echo_server(engine, config);
+    let server = start_builtin_with(engine, config, Builtin::Echo);
     let addr = server.addr();
     let mut mine: Vec<_> = (0..2).map(|_| connect_from("127.0.0.3", addr)).collect();
     for c in &mut mine {
@@ -147,15 +139,7 @@ fn lingering_connections_count_against_the_cap(engine: Engine) {
     let mut config = Config::default();
     config.max_connections = 4;
     config.linger = Duration::from_secs(30);
-    let server = start_host_with(engine, config, |host| {
-        vec![host
-            .bind_builtin(
-                Builtin::Daytime,
-                LOOPBACK.parse().unwrap(),
-                Options::default(),
-            )
-            .unwrap()]
-    });
+    let server = start_builtin_with(engine, config, Builtin::Daytime);
     // Each gets its line and the server's FIN, but keeps its side open,
     // so the server lingers on it.
     let lingering: Vec<_> = (0..4)
@@ -180,15 +164,7 @@ fn a_peer_flooding_a_closed_connection_is_reset_within_the_linger_budget(engine:
     let mut config = Config::default();
     config.linger_bytes = BUDGET;
     config.linger = Duration::from_secs(30);
-    let server = start_host_with(engine, config, |host| {
-        vec![host
-            .bind_builtin(
-                Builtin::Daytime,
-                LOOPBACK.parse().unwrap(),
-                Options::default(),
-            )
-            .unwrap()]
-    });
+    let server = start_builtin_with(engine, config, Builtin::Daytime);
     let mut c = connect(server.addr());
     let mut line = [0u8; 64];
     let n = c.read(&mut line).unwrap();
@@ -289,15 +265,7 @@ on_engines!([mio_turns => Mio, poll_turns => Poll, select_turns => Select] (
 fn on_select_past_fd_setsize_every_client_gets_its_line_or_the_notice() {
     let mut config = Config::default();
     config.linger = Duration::from_secs(60);
-    let server = start_host_with(Engine::Select, config, |host| {
-        vec![host
-            .bind_builtin(
-                Builtin::Daytime,
-                LOOPBACK.parse().unwrap(),
-                Options::default(),
-            )
-            .unwrap()]
-    });
+    let server = start_builtin_with(Engine::Select, config, Builtin::Daytime);
     let mut open = Vec::new();
     let mut refused = 0;
     for i in 0..1100 {

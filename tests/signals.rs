@@ -174,8 +174,8 @@ fn a_second_signal_forces_the_stop(engine: muxserve::Engine) {
     let mut c = connect(served.process.addr);
     echo_in_steps(&mut c, b"before", 64);
     served.signal(libc::SIGTERM);
-    // Still served during the grace period (the log line proves the signal
-    // was taken before the echo below).
+    // The listeners go once the signal is taken (the Unix socket file is
+    // removed); the open connection is still served after that.
     assert!(
         wait_until(Duration::from_secs(10), || !served.socket.exists()),
         "the listeners were not closed by SIGTERM"

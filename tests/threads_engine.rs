@@ -267,11 +267,7 @@ fn a_member_that_never_reads_freezes_no_one(engine: Engine) {
     let mut config = Config::default();
     // Keep the kernel from absorbing everything meant for the hog.
     config.limits.send_buffer = Some(64 * 1024);
-    let server = start_host_with(engine, config, |host| {
-        vec![host
-            .bind_builtin(Builtin::Chat, LOOPBACK.parse().unwrap(), Options::default())
-            .unwrap()]
-    });
+    let server = start_builtin_with(engine, config, Builtin::Chat);
     let addr = server.addr();
     let hog = join_hog(addr);
     let mut sender = join(addr, "s");
@@ -503,15 +499,7 @@ fn repeated_who_queues_at_most_high_water_plus_one_reply(engine: Engine) {
 fn frame_timeouts_are_counted(engine: Engine) {
     let mut config = Config::default();
     config.limits.frame_timeout = Some(Duration::from_millis(200));
-    let server = start_host_with(engine, config, |host| {
-        vec![host
-            .bind_builtin(
-                Builtin::Stamp,
-                LOOPBACK.parse().unwrap(),
-                Options::default(),
-            )
-            .unwrap()]
-    });
+    let server = start_builtin_with(engine, config, Builtin::Stamp);
     let mut c = connect(server.addr());
     c.write_all(b"half a line").unwrap();
     assert_eq!(read_to_end(&mut c), b"", "{engine}");

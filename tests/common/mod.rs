@@ -271,6 +271,19 @@ pub fn start_builtin(
     start_bindings(engine, vec![(service, LOOPBACK.to_string())], opts)
 }
 
+/// One built-in service on loopback, on `engine` with `config`.
+pub fn start_builtin_with(
+    engine: Engine,
+    config: muxserve::Config,
+    service: muxserve::services::Builtin,
+) -> TestServer {
+    start_host_with(engine, config, move |host| {
+        vec![host
+            .bind_builtin(service, LOOPBACK.parse().unwrap(), Default::default())
+            .expect("bind")]
+    })
+}
+
 /// Starts built-in services on `engine`, each on its endpoint (use
 /// [`LOOPBACK`], `udp://127.0.0.1:0` or a path in a temporary directory).
 pub fn start_bindings(
